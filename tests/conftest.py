@@ -1,0 +1,42 @@
+"""Shared fixtures: the real Qwen3 tokenizer and a tiny random-init Qwen3 built locally (no network)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import demo  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    return demo.qwen3_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(tokenizer_dir):
+    from modeling import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved tiny Qwen3ForCausalLM (vocab 151936, real tokenizer) for the whole session."""
+    return demo.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny-qwen3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> tuple[str, str]:
+    """Synthetic ESCI-like train/test parquet files (disjoint queries)."""
+    return demo.write_demo_data(str(tmp_path_factory.mktemp("data")), n_train_queries=240, n_test_queries=40)

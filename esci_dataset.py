@@ -230,8 +230,16 @@ _LABEL_ALIASES = {**{label: label for label in LABELS}, **{text.upper(): label f
 _SHOW_ROWS = 5
 
 
+def _show(value) -> str:
+    """A value as a user would recognise it: ``null`` for None/NaN, else its repr (capped)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "...'"
+
+
 def _bad_rows_message(path: str, column: str, problem: str, bad: pd.Series) -> str:
-    shown = ", ".join(f"row {idx}: {val!r}" for idx, val in bad.head(_SHOW_ROWS).items())
+    shown = ", ".join(f"row {idx}: {_show(val)}" for idx, val in bad.head(_SHOW_ROWS).items())
     more = f" (and {len(bad) - _SHOW_ROWS} more)" if len(bad) > _SHOW_ROWS else ""
     return f"{path}: column '{column}' has {len(bad)} {problem} value(s) (rows are 0-based): {shown}{more}"
 

@@ -37,6 +37,7 @@ from modeling import (
     label_logits,
     load_base_model,
     load_tokenizer,
+    parse_target_modules,
     save_reranker_config,
 )
 
@@ -139,6 +140,21 @@ def resolve_checkpoint(spec: str | None, output_dir: str) -> str | None:
     return last
 
 
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad flag values before anything slow happens (argparse exits with code 2)."""
+    try:
+        parse_target_modules(args.lora_target_modules)
+    except ValueError as exc:
+        parser.error(f"--lora_target_modules: {exc}")
+    if not 0.0 <= args.eval_ratio < 1.0:
+        parser.error(f"--eval_ratio must be in [0, 1), got {args.eval_ratio}")
+
+
+def launched_distributed() -> bool:
+    """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -146,7 +162,9 @@ def write_json(path: str, obj) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # 1. Arguments and logging ------------------------------------------------
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     from transformers import TrainingArguments, set_seed
 
     targs = TrainingArguments(
@@ -171,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         label_names=["labels"],
         ddp_find_unused_parameters=False,    # every LoRA weight is used in every step
         train_sampling_strategy="group_by_length",  # similar lengths per batch: less padding, same data
-        dataloader_drop_last=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Without CUDA, torchrun needs gloo and an explicit CPU state, or each rank silently trains alone.
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if launched_distributed() and not torch.cuda.is_available() else None,
     )
     is_main = targs.process_index == 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -240,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if eval_ds is not None:
         metrics["eval"] = trainer.evaluate()
     if trainer.is_world_process_zero():
-        write_json(os.path.join(args.output_dir, "run_config.json"), vars(args))
+        write_json(os.path.join(args.output_dir, "run_config.json"), {**vars(args), "world_size": targs.world_size})
         write_json(os.path.join(args.output_dir, "train_metrics.json"),
                    {**metrics, "log_history": trainer.state.log_history})
         if "eval" in metrics:

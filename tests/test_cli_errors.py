@@ -1,0 +1,96 @@
+"""Bad input at the CLIs: one clear paragraph, exit code 2, no traceback; and --help reads like docs."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import eval as eval_cli
+import train as train_cli
+from tests.conftest import ROOT
+
+GOOD = {"query": ["usb charger", "tent"], "item_text": ["Anker charger", "Coleman tent"], "esci_label": ["E", "I"]}
+
+
+def _bad_files(tmp_path):
+    """(name, path, words the message must contain)."""
+    cases = []
+
+    def add(name, frame, *must):
+        path = tmp_path / f"{name}.parquet"
+        frame.to_parquet(path, index=False)
+        cases.append((name, str(path), must))
+
+    add("missing_column", pd.DataFrame(GOOD).drop(columns=["esci_label"]), "'esci_label'", "missing")
+    add("unknown_label", pd.DataFrame({**GOOD, "esci_label": ["E", "Z"]}), "'esci_label'", "row 1: 'Z'")
+    add("null_query", pd.DataFrame({**GOOD, "query": ["usb", None]}), "'query'", "row 1: null")
+    add("empty_item", pd.DataFrame({**GOOD, "item_text": ["", "x"]}), "'item_text'", "row 0: ''")
+    add("empty_file", pd.DataFrame(GOOD).iloc[0:0], "no rows")
+    cases.append(("missing_file", str(tmp_path / "absent.parquet"), ("file not found",)))
+    return cases
+
+
+@pytest.mark.parametrize("cli", ["train", "eval"])
+def test_bad_inputs_exit_2_with_clear_message(cli, tmp_path, tiny_model_dir, capsys):
+    for name, path, must in _bad_files(tmp_path):
+        if cli == "train":
+            rc = train_cli.main(["--base_model", tiny_model_dir, "--train_file", path, "--output_dir", str(tmp_path / "o")])
+        else:
+            rc = eval_cli.main(["--base_model", tiny_model_dir, "--eval_file", path])
+        err = capsys.readouterr().err
+        assert rc == 2, name
+        assert path in err and all(m in err for m in must), (name, err)
+        assert err.strip().startswith("error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_process_prints_no_traceback(tmp_path, tiny_model_dir):
+    path = tmp_path / "bad.parquet"
+    pd.DataFrame({**GOOD, "esci_label": ["E", "maybe"]}).to_parquet(path)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--base_model", tiny_model_dir,
+                           "--eval_file", str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "row 1: 'maybe'" in proc.stderr
+
+
+def test_missing_adapter_folder_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
+    pd.DataFrame(GOOD).to_parquet(tmp_path / "ok.parquet")
+    rc = eval_cli.main(["--base_model", tiny_model_dir, "--lora_model", str(tmp_path / "nope"),
+                        "--eval_file", str(tmp_path / "ok.parquet")])
+    assert rc == 2 and "--lora_model" in capsys.readouterr().err
+
+
+def test_lm_head_is_refused_as_lora_target(tmp_path, tiny_model_dir, capsys):
+    pd.DataFrame(GOOD).to_parquet(tmp_path / "ok.parquet")
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(["--base_model", tiny_model_dir, "--train_file", str(tmp_path / "ok.parquet"),
+                        "--output_dir", str(tmp_path / "o"), "--lora_target_modules", "q_proj,lm_head"])
+    assert info.value.code == 2 and "must not be a LoRA target" in capsys.readouterr().err
+
+
+SCRIPTS = sorted(f for f in os.listdir(ROOT) if f.endswith(".py") and "make_parser" in open(os.path.join(ROOT, f)).read())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_documents_every_flag(script):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import importlib
+
+    parser = importlib.import_module(script[:-3]).make_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{script} {action.option_strings} has no help text"
+            assert action.option_strings[0] in proc.stdout
+
+
+def test_train_help_lists_the_design_flags():
+    flags = [a.option_strings[0] for a in train_cli.make_parser()._actions if a.option_strings]
+    for flag in ("--base_model", "--train_file", "--output_dir", "--max_length", "--per_device_train_batch_size",
+                 "--gradient_accumulation_steps", "--num_train_epochs", "--learning_rate", "--warmup_ratio",
+                 "--logging_steps", "--save_steps", "--save_total_limit", "--lora_r", "--lora_alpha", "--lora_dropout",
+                 "--eval_ratio", "--bf16", "--no_flash_attn", "--report_to", "--wandb_run_name",
+                 "--lora_target_modules", "--seed", "--max_steps", "--resume_from_checkpoint",
+                 "--gradient_checkpointing", "--per_device_eval_batch_size"):
+        assert flag in flags

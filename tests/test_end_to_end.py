@@ -1,0 +1,89 @@
+"""train.py then eval.py through their main(), on the tiny Qwen3 and synthetic ESCI data."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+import eval as eval_cli
+import train as train_cli
+from esci_dataset import LABELS
+
+DEMO_TRAIN_ARGS = [  # the recipe scripts/run_demo.sh uses: a random tiny model needs a high LR
+    "--max_length", "256", "--per_device_train_batch_size", "16", "--num_train_epochs", "6",
+    "--learning_rate", "2e-2", "--eval_ratio", "0.1", "--save_steps", "10000", "--logging_steps", "50",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, demo_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "lora")
+    rc = train_cli.main(["--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", out, *DEMO_TRAIN_ARGS])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tiny_model_dir, demo_data):
+    scores = os.path.join(trained, "scores.parquet")
+    rc = eval_cli.main(["--base_model", tiny_model_dir, "--lora_model", trained, "--eval_file", demo_data[1],
+                        "--max_length", "256", "--save_scores_path", scores])
+    assert rc == 0
+    with open(os.path.join(trained, "eval_metrics.json")) as f:
+        return json.load(f), pd.read_parquet(scores)
+
+
+def test_output_dir_holds_adapter_tokenizer_contract_and_metrics(trained):
+    files = set(os.listdir(trained))
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "reranker_config.json",
+            "train_metrics.json", "run_config.json"} <= files
+    with open(os.path.join(trained, "reranker_config.json")) as f:
+        contract = json.load(f)
+    assert contract["labels"] == list(LABELS) and contract["label_token_ids"] == [4734, 27679, 22766, 39715]
+    assert contract["prompt_version"] and contract["base_model"]
+    with open(os.path.join(trained, "adapter_config.json")) as f:
+        assert sorted(json.load(f)["target_modules"]) == ["q_proj", "v_proj"]
+    with open(os.path.join(trained, "train_metrics.json")) as f:
+        metrics = json.load(f)
+    assert {"eval_accuracy", "eval_macro_f1", "eval_majority_accuracy"} <= set(metrics["eval"])
+
+
+def test_training_learns_beyond_majority_baseline(evaluated):
+    report, _ = evaluated
+    majority = report["majority_baseline"]["accuracy"]
+    assert report["accuracy"] >= majority + 0.10, (report["accuracy"], majority)
+    assert report["macro_f1"] > report["majority_baseline"]["macro_f1"] + 0.10
+    # The score must rank: exact items above irrelevant ones on average.
+    assert report["mean_score_by_true_label"]["E"] > report["mean_score_by_true_label"]["I"]
+
+
+def test_eval_report_contents(evaluated):
+    report, _ = evaluated
+    for key in ("accuracy", "micro_f1", "macro_f1", "per_class", "confusion_matrix", "roc_auc_E_vs_rest",
+                "roc_auc_ES_vs_CI", "ndcg", "ndcg@10", "misclassified_examples"):
+        assert key in report
+    assert sum(map(sum, report["confusion_matrix"]["rows_true_cols_pred"])) == report["n"] == 320
+    assert report["ndcg_queries"] == 40
+
+
+def test_scores_file_is_one_row_per_input_in_input_order(evaluated, demo_data):
+    _, scores = evaluated
+    source = pd.read_parquet(demo_data[1])
+    assert len(scores) == len(source)
+    assert scores["product_id"].tolist() == source["product_id"].tolist()
+    assert {"query", "item_text", "true_label", "pred_label", "p_E", "p_S", "p_C", "p_I", "score"} <= set(scores.columns)
+    probs = scores[["p_E", "p_S", "p_C", "p_I"]].to_numpy()
+    assert abs(probs.sum(axis=1) - 1).max() < 1e-6
+    expected = (3 * scores["p_E"] + 2 * scores["p_S"] + scores["p_C"]) / 3
+    assert abs(scores["score"] - expected).max() < 1e-9
+
+
+def test_zero_shot_eval_without_adapter_and_csv_scores(tiny_model_dir, demo_data, tmp_path):
+    scores, metrics = str(tmp_path / "zs.csv"), str(tmp_path / "zs.json")
+    rc = eval_cli.main(["--base_model", tiny_model_dir, "--eval_file", demo_data[1], "--max_samples", "24",
+                        "--save_scores_path", scores, "--metrics_path", metrics])
+    assert rc == 0
+    assert len(pd.read_csv(scores)) == 24
+    with open(metrics) as f:
+        assert json.load(f)["n"] == 24

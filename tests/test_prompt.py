@@ -1,0 +1,121 @@
+"""The prompt, label tokens and truncation, against the real Qwen3 tokenizer."""
+
+import textwrap
+
+import pytest
+
+from esci_dataset import (
+    INSTRUCT,
+    LABELS,
+    PromptEncoder,
+    format_instruction,
+    label_token_ids,
+    label_words,
+    prompt_pieces,
+    render_prompt,
+)
+
+GOLDEN_PROMPT = textwrap.dedent("""\
+    <|im_start|>system
+    Judge how well the Document (a product) matches the shopping Query, following the Instruct. Answer with exactly one word: "exact", "substitute", "complement" or "irrelevant".<|im_end|>
+    <|im_start|>user
+    <Instruct>: Given a shopping query and a product, answer exact if the product fully matches the query, substitute if it is a different product that could replace it, complement if it does not match but could be used together with a matching product, or irrelevant otherwise
+    <Query>: usb c charger
+    <Document>: Title: Anker 65W USB-C Charger Brand: Anker<|im_end|>
+    <|im_start|>assistant
+    <think>
+
+    </think>
+
+    """)
+
+
+def test_rendered_prompt_matches_golden_string():
+    assert render_prompt("usb c charger", "Title: Anker 65W USB-C Charger Brand: Anker") == GOLDEN_PROMPT
+
+
+def test_format_instruction_layout():
+    assert format_instruction("do it", "q", "d") == "<Instruct>: do it\n<Query>: q\n<Document>: d"
+
+
+def test_prompt_pieces_reassemble_the_rendered_prompt():
+    head, middle, tail = prompt_pieces()
+    assert head + " q" + middle + " d" + tail == render_prompt("q", "d")
+    assert tail == "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_suffix_token_ids_with_real_tokenizer(qwen3_tokenizer):
+    enc = PromptEncoder(qwen3_tokenizer, 512)
+    # <|im_end|> \n <|im_start|> assistant \n <think> \n\n </think> \n\n
+    assert enc.tail_ids == [151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
+    ids = enc.encode("usb c charger", "Title: Anker charger")
+    assert ids[-len(enc.tail_ids):] == enc.tail_ids
+
+
+def test_label_tokens_are_single_distinct_leading_space_tokens(qwen3_tokenizer):
+    # Bare words split in Qwen3 ('sub'+'stitute'), so the resolver must pick the spaced forms.
+    assert len(qwen3_tokenizer.encode("substitute", add_special_tokens=False)) == 2
+    assert label_words(qwen3_tokenizer) == [" exact", " substitute", " complement", " irrelevant"]
+    ids = label_token_ids(qwen3_tokenizer)
+    assert ids == [4734, 27679, 22766, 39715]
+    assert [qwen3_tokenizer.decode([i]) for i in ids] == [" exact", " substitute", " complement", " irrelevant"]
+
+
+class _SplittingTokenizer:
+    """Every word is two tokens whatever the spacing: no single-token labels exist."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [hash(text) % 1000, 7]
+
+    def convert_ids_to_tokens(self, ids):
+        return [f"t{i}" for i in ids]
+
+
+def test_label_resolution_fails_clearly_when_a_label_splits():
+    with pytest.raises(ValueError) as info:
+        label_token_ids(_SplittingTokenizer())
+    message = str(info.value)
+    assert "ONE token" in message and "S=' substitute'" in message and "I='irrelevant'" in message
+
+
+@pytest.mark.parametrize("query,doc", [
+    ("usb c charger", "Title: Anker 65W USB-C Charger Brand: Anker Color: black"),
+    ("12 pack AA batteries", "Title: <b>Duracell</b> 12&amp;pack, multi\nline   text  "),
+    ("café crème 咖啡", "Título: Cafetera 1.5L – acero inoxidable 日本語テキスト"),
+    ("  spaced query", "doc ending in newline\n"),
+])
+def test_piecewise_encoding_equals_tokenizing_the_full_prompt(qwen3_tokenizer, query, doc):
+    enc = PromptEncoder(qwen3_tokenizer, 4096)
+    expected = qwen3_tokenizer.encode(render_prompt(query, doc), add_special_tokens=False)
+    assert enc.encode(query, doc) == expected
+
+
+def test_long_item_truncates_document_only_and_keeps_suffix(qwen3_tokenizer):
+    enc = PromptEncoder(qwen3_tokenizer, 256)
+    query = "wireless noise cancelling headphones"
+    doc = ("Title: Very long product " + "feature text with many words " * 800)[:20000]
+    assert len(doc) == 20000
+    ids = enc.encode(query, doc)
+    assert len(ids) == 256
+    assert ids[-len(enc.tail_ids):] == enc.tail_ids
+    text = qwen3_tokenizer.decode(ids)
+    assert f"<Query>: {query}\n<Document>: Title: Very long product" in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_overlong_query_is_cut_and_document_dropped(qwen3_tokenizer):
+    enc = PromptEncoder(qwen3_tokenizer, 160)
+    ids = enc.encode("word " * 2000, "the document")
+    assert len(ids) == 160
+    assert ids[-len(enc.tail_ids):] == enc.tail_ids
+    assert "the document" not in qwen3_tokenizer.decode(ids)
+
+
+def test_max_length_smaller_than_template_is_rejected(qwen3_tokenizer):
+    with pytest.raises(ValueError, match="max_length=50 is too small"):
+        PromptEncoder(qwen3_tokenizer, 50)
+
+
+def test_labels_order_is_the_contract():
+    assert LABELS == ("E", "S", "C", "I")
+    assert "exact" in INSTRUCT and "irrelevant" in INSTRUCT

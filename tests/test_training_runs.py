@@ -1,0 +1,98 @@
+"""Training modes: resume after a crash, torchrun on CPU, W&B offline, gradient checkpointing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_cli
+from tests.conftest import ROOT
+
+SHORT = ["--max_length", "192", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
+         "--eval_ratio", "0.1", "--logging_steps", "2", "--report_to", "none"]
+
+
+def _args(model, data, out, *extra):
+    return ["--base_model", model, "--train_file", data, "--output_dir", out, *SHORT, *extra]
+
+
+def _lora_b(out):
+    return {k: v for k, v in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in k}
+
+
+def test_resume_after_interruption_finishes_like_an_uninterrupted_run(tiny_model_dir, demo_data, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    full = str(tmp_path / "full")
+    assert train_cli.main(_args(tiny_model_dir, demo_data[0], full, "--max_steps", "8", "--save_steps", "4")) == 0
+
+    crashed = str(tmp_path / "crashed")
+    original = Trainer._save_checkpoint
+
+    def save_then_crash(self, *a, **kw):
+        original(self, *a, **kw)
+        raise KeyboardInterrupt("simulated crash right after checkpoint-4")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_cli.main(_args(tiny_model_dir, demo_data[0], crashed, "--max_steps", "8", "--save_steps", "4"))
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    assert os.listdir(crashed) == ["checkpoint-4"] or "adapter_model.safetensors" not in os.listdir(crashed)
+
+    rc = train_cli.main(_args(tiny_model_dir, demo_data[0], crashed, "--max_steps", "8", "--save_steps", "4",
+                              "--resume_from_checkpoint", "latest"))
+    assert rc == 0
+    with open(os.path.join(crashed, "checkpoint-8", "trainer_state.json")) as f:
+        assert json.load(f)["global_step"] == 8
+    resumed, reference = _lora_b(crashed), _lora_b(full)
+    assert resumed.keys() == reference.keys()
+    for key in reference:  # same data order, optimizer and scheduler state: same weights
+        torch.testing.assert_close(resumed[key], reference[key], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_latest_without_checkpoint_is_a_clear_error(tiny_model_dir, demo_data, tmp_path, capsys):
+    rc = train_cli.main(_args(tiny_model_dir, demo_data[0], str(tmp_path / "empty"), "--resume_from_checkpoint", "latest"))
+    assert rc == 2 and "no checkpoint-* folder" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_trains_lora(tiny_model_dir, demo_data, tmp_path):
+    out = str(tmp_path / "gc")
+    assert train_cli.main(_args(tiny_model_dir, demo_data[0], out, "--max_steps", "4", "--save_steps", "100",
+                                "--gradient_checkpointing")) == 0
+    lora_b = _lora_b(out)
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: it moved
+
+
+def test_wandb_offline(tiny_model_dir, demo_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "tiny-reranker-test")
+    out = str(tmp_path / "wb")
+    assert train_cli.main(_args(tiny_model_dir, demo_data[0], out, "--max_steps", "3", "--save_steps", "100",
+                                "--report_to", "wandb", "--wandb_run_name", "ci-run")) == 0
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_torchrun_two_processes_on_cpu(tiny_model_dir, demo_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           os.path.join(ROOT, "train.py"), *_args(tiny_model_dir, demo_data[0], out, "--max_steps", "4", "--save_steps", "100")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "run_config.json")) as f:
+        assert json.load(f)["world_size"] == 2
+    with open(os.path.join(out, "train_metrics.json")) as f:
+        assert json.load(f)["train"]["epoch"] > 0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())

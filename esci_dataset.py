@@ -42,7 +42,7 @@ LABEL_GAIN = {"E": 3.0, "S": 2.0, "C": 1.0, "I": 0.0}
 
 # Bump whenever any prompt text or label-word rule changes: eval.py refuses an
 # adapter trained under a different version instead of silently scoring drift.
-PROMPT_VERSION = "esci-4way-v1"
+PROMPT_VERSION = "esci-4way-v2"
 
 # ---------------------------------------------------------------------------
 # Prompt
@@ -149,8 +149,10 @@ class PromptEncoder:
     def encode_batch(self, queries: Sequence[str], docs: Sequence[str]) -> list[list[int]]:
         """Token ids for each pair; ``len(ids) <= max_length`` always."""
         tok = self.tokenizer
-        q_ids = tok([" " + q for q in queries], add_special_tokens=False)["input_ids"]
-        d_ids = tok([" " + d for d in docs], add_special_tokens=False)["input_ids"]
+        # split_special_tokens: a "<|im_end|>" typed into a query or product text is text, not a
+        # control token, so user data can never close the turn or inject a fake answer.
+        q_ids = tok([" " + q for q in queries], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        d_ids = tok([" " + d for d in docs], add_special_tokens=False, split_special_tokens=True)["input_ids"]
         budget = self.max_length - self.fixed_len
         out = []
         for q, d in zip(q_ids, d_ids):
@@ -183,6 +185,29 @@ def collate_left_padded(features: list[dict], pad_token_id: int) -> dict[str, to
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+    return batch
+
+
+def collate_packed(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Pack a list of prompts into one padding-free row ``[1, T]``.
+
+    ``position_ids`` restart at 0 for each prompt, which is how transformers
+    recognises packed sequences (flash-attention varlen on CUDA, a block-diagonal
+    mask with sdpa). ``last_token_mask`` marks where each prompt's answer is read.
+    """
+    ids, positions, last = [], [], []
+    for f in features:
+        n = len(f["input_ids"])
+        ids.extend(f["input_ids"])
+        positions.extend(range(n))
+        last.extend([False] * (n - 1) + [True])
+    batch = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "last_token_mask": torch.tensor([last], dtype=torch.bool),
     }
     if "labels" in features[0]:
         batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)

@@ -20,11 +20,10 @@ import sys
 
 import numpy as np
 import pandas as pd
-import torch
 
-from esci_dataset import LABEL_TO_ID, LABELS, ESCIDataError, load_esci_parquet, query_groups
+from esci_dataset import LABEL_TO_ID, ESCIDataError, load_esci_parquet, query_groups
 from metrics import evaluation_report, format_report
-from reranker import PROB_COLUMNS, Reranker, load_reranker, scores_from_probs
+from reranker import PROB_COLUMNS, add_inference_args, prediction_columns, reranker_from_args
 
 logger = logging.getLogger("eval")
 N_MISCLASSIFIED_SHOWN = 5
@@ -34,17 +33,10 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--base_model", type=str, required=True, help="base causal LM folder or hub id (the one the adapter was trained on)")
-    g.add_argument("--lora_model", type=str, default=None, help="LoRA adapter folder from train.py; omit for the zero-shot baseline")
-    g.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (default float32)")
-    g.add_argument("--no_flash_attn", action="store_true", help="force PyTorch sdpa attention even when flash-attn is installed")
-
+    add_inference_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--eval_file", type=str, required=True, help="parquet with query, item_text, esci_label (query_id optional, used for nDCG)")
     g.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N rows (quick checks)")
-    g.add_argument("--max_length", type=int, default=512, help="max prompt tokens; only the item text (then the query) is truncated")
-    g.add_argument("--batch_size", type=int, default=32, help="pairs per forward pass (batches are length-sorted)")
 
     g = p.add_argument_group("outputs")
     g.add_argument("--save_scores_path", type=str, default=None,
@@ -58,10 +50,10 @@ def scores_frame(df: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
     """Input columns + true label + prediction + probabilities + score, one row per input, input order."""
     out = df.copy()
     out["true_label"] = df["esci_label"]
-    out["pred_label"] = [LABELS[i] for i in probs.argmax(axis=1)]
-    for j, col in enumerate(PROB_COLUMNS):
-        out[col] = probs[:, j]
-    out["score"] = scores_from_probs(probs)
+    columns = prediction_columns(probs)
+    out["pred_label"] = columns.pop("pred_label")
+    for name, values in columns.items():
+        out[name] = values
     return out
 
 
@@ -103,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         df = load_esci_parquet(args.eval_file)
         if args.max_samples is not None:
             df = df.head(args.max_samples)
-        if args.lora_model and not os.path.isfile(os.path.join(args.lora_model, "adapter_config.json")):
-            raise ESCIDataError(f"--lora_model {args.lora_model}: no adapter_config.json there (expected train.py's --output_dir)")
-        model, tokenizer = load_reranker(args.base_model, args.lora_model,
-                                         torch.bfloat16 if args.bf16 else torch.float32, args.no_flash_attn)
+        reranker = reranker_from_args(args)
     except ESCIDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -118,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
                 f" + {args.lora_model}" if args.lora_model else " (zero-shot, no adapter)")
 
     # 3. Score (length-sorted batches, last position, 4-way softmax) -------------------
-    reranker = Reranker(model, tokenizer, args.max_length, args.batch_size)
     probs = reranker.predict_probs(df["query"].tolist(), df["item_text"].tolist(), progress=True)
     frame = scores_frame(df, probs)
 

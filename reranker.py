@@ -1,7 +1,9 @@
 """Scoring with a trained (or zero-shot) reranker: the one inference path.
 
-``eval.py`` and the :class:`Reranker` API both call :func:`score_token_ids`, so
-the same pair gets the same numbers wherever it is scored.
+``eval.py``, ``predict.py`` and the :class:`Reranker` API all end in
+:func:`score_token_ids`, so the same pair gets the same numbers wherever it is
+scored: prompts built by ``esci_dataset.PromptEncoder``, left-padded,
+length-sorted batches, softmax over the four label logits.
 """
 
 from __future__ import annotations
@@ -13,16 +15,45 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from esci_dataset import LABELS, PromptEncoder, collate_left_padded, label_token_ids
-from modeling import attach_label_head, check_reranker_config, label_logits, load_base_model, load_tokenizer, score_from_probs
+from esci_dataset import LABELS, ESCIDataError, PromptEncoder, collate_left_padded, label_token_ids
+from modeling import (
+    LABEL_CONFIG_NAME,
+    attach_label_head,
+    check_reranker_config,
+    encode_prefix,
+    label_logits,
+    load_base_model,
+    load_tokenizer,
+    resolve_dtype,
+    score_from_probs,
+)
 
 logger = logging.getLogger(__name__)
 
 PROB_COLUMNS = tuple(f"p_{label}" for label in LABELS)
+OUTPUT_COLUMNS = (*PROB_COLUMNS, "score", "pred_label")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
+    """Fail early, with :class:`ESCIDataError`, on a missing adapter folder or a local base path that is not there.
+
+    ``base_model`` may also be a hub id (``org/name``); only strings that can
+    only be local paths (absolute, ``./``, ``../``, ``~``, or more than one
+    ``/``) are checked here. Anything else fails later, in loading, with OSError.
+    """
+    if lora_model is not None:
+        if not os.path.isdir(lora_model):
+            raise ESCIDataError(f"--lora_model {lora_model}: folder not found")
+        if not os.path.isfile(os.path.join(lora_model, "adapter_config.json")):
+            raise ESCIDataError(f"--lora_model {lora_model}: no adapter_config.json, so not a LoRA adapter folder "
+                                "(train.py writes one into its --output_dir)")
+    local_only = base_model.startswith(("/", "./", "../", "~")) or base_model.count("/") > 1
+    if local_only and not os.path.isdir(os.path.expanduser(base_model)):
+        raise ESCIDataError(f"--base_model {base_model}: folder not found")
 
 
 def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.dtype = torch.float32,
@@ -30,7 +61,8 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
     """Base model (+ LoRA adapter) with the 4-row label head, in eval mode. Returns ``(model, tokenizer)``.
 
     The tokenizer comes from the adapter folder when it holds one (it is the
-    one training used), else from the base model.
+    one training used), else from the base model. A ``reranker_config.json``
+    (next to the adapter, or in a merged export) is checked for prompt drift.
     """
     has_tokenizer = lora_model and os.path.exists(os.path.join(lora_model, "tokenizer_config.json"))
     tokenizer = load_tokenizer(lora_model if has_tokenizer else base_model)
@@ -40,36 +72,98 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
 
         check_reranker_config(lora_model, tokenizer)
         model = PeftModel.from_pretrained(model, lora_model)
+    elif os.path.isfile(os.path.join(base_model, LABEL_CONFIG_NAME)):
+        check_reranker_config(base_model, tokenizer)  # a merged export (export.py --format merged)
     attach_label_head(model.get_base_model() if lora_model else model, label_token_ids(tokenizer))
     model.to(device or default_device()).eval()
     return model, tokenizer
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length (longest first, so OOM shows up at once)."""
+DEFAULT_BATCH_SIZE = 64          # most pairs in one forward pass
+DEFAULT_MAX_BATCH_TOKENS = 16384  # most (padded) tokens in one forward pass: bounds memory on long items
+
+
+def add_inference_args(parser) -> None:
+    """The model and batching flags shared by eval.py and predict.py (one definition, one help text)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--base_model", type=str, required=True,
+                   help="base causal LM folder or hub id (the one the adapter was trained on), or a merged export")
+    g.add_argument("--lora_model", type=str, default=None,
+                   help="LoRA adapter folder from train.py; omit for the zero-shot baseline or a merged export")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="weights dtype; auto = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
+    g.add_argument("--bf16", action="store_true", help="shorthand for --dtype bf16")
+    g.add_argument("--no_flash_attn", action="store_true", help="force PyTorch sdpa attention even when flash-attn is installed")
+    g = parser.add_argument_group("batching")
+    g.add_argument("--max_length", type=int, default=512,
+                   help="max prompt tokens; only the item text (then the query) is truncated, as in training")
+    g.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="most pairs per forward pass (batches are length-sorted)")
+    g.add_argument("--max_batch_tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help="most padded tokens per forward pass; long items go in smaller batches (0 = no limit)")
+
+
+def reranker_from_args(args) -> "Reranker":
+    """Load the :class:`Reranker` the shared flags describe (raises ESCIDataError / OSError / ValueError)."""
+    return Reranker.from_pretrained(args.base_model, args.lora_model, dtype="bf16" if args.bf16 else args.dtype,
+                                    max_length=args.max_length, batch_size=args.batch_size,
+                                    max_batch_tokens=args.max_batch_tokens or None, no_flash_attn=args.no_flash_attn)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE,
+                          max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> list[np.ndarray]:
+    """Indices in batches of similar length, longest first (so an OOM shows up at once).
+
+    A batch holds at most ``batch_size`` rows and, padded to its longest row, at
+    most ``max_batch_tokens`` tokens (a single longer row still gets a batch), so
+    short pairs travel in big batches and long ones in small batches.
+    """
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(1, int(lengths[order[start]]))
+        rows = batch_size if max_batch_tokens is None else max(1, min(batch_size, max_batch_tokens // longest))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
+def shared_prefix_len(token_ids: Sequence[Sequence[int]], candidate: Sequence[int]) -> int:
+    """``len(candidate)`` if every sequence starts with it and is longer, else 0."""
+    n = len(candidate)
+    candidate = list(candidate)
+    if n == 0 or not all(len(t) > n and list(t[:n]) == candidate for t in token_ids):
+        return 0
+    return n
 
 
 @torch.inference_mode()
-def score_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 32,
-                    progress: bool = False) -> np.ndarray:
+def score_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = DEFAULT_BATCH_SIZE,
+                    progress: bool = False, prefix_ids: Sequence[int] = (),
+                    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
     """Label probabilities ``[N, 4]`` (``LABELS`` order, float64) for encoded prompts, in input order.
 
-    Batches are length-sorted and left-padded; results are scattered back to
-    the input order, so the output never depends on batching.
+    Batches are length-sorted, token-budgeted and left-padded; results are
+    scattered back to the input order, so the output never depends on batching.
+    ``prefix_ids``: a prefix every prompt shares (the system turn and instruction).
+    Its keys/values are computed once and reused, so each pair only runs the
+    tokens after it; the numbers equal the full-prompt path (tested to 1e-5 in fp32).
     """
     device = next(model.parameters()).device
     probs = np.zeros((len(token_ids), len(LABELS)), dtype=np.float64)
-    batches = length_sorted_batches([len(t) for t in token_ids], batch_size)
+    if not len(token_ids):
+        return probs
+    n_prefix = shared_prefix_len(token_ids, prefix_ids)
+    prefix_kv = encode_prefix(model, prefix_ids) if n_prefix else None
+    batches = length_sorted_batches([len(t) - n_prefix for t in token_ids], batch_size, max_batch_tokens)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="scoring", unit="batch")
+        batches = tqdm(batches, desc="scoring", unit="batch")  # tqdm writes to stderr
     for idx in batches:
-        batch = collate_left_padded([{"input_ids": token_ids[i]} for i in idx], pad_token_id)
+        batch = collate_left_padded([{"input_ids": token_ids[i][n_prefix:]} for i in idx], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = label_logits(model, batch).float()
+        logits = label_logits(model, batch, prefix_kv=prefix_kv).float()
         probs[idx] = torch.softmax(logits, dim=-1).double().cpu().numpy()
     return probs
 
@@ -79,48 +173,118 @@ def scores_from_probs(probs: np.ndarray) -> np.ndarray:
     return score_from_probs(torch.from_numpy(np.asarray(probs, dtype=np.float64))).numpy()
 
 
+def prediction_columns(probs: np.ndarray) -> dict[str, np.ndarray]:
+    """``probs [N, 4]`` -> columns ``p_E, p_S, p_C, p_I, score, pred_label`` (the predict.py output contract)."""
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(LABELS))
+    columns = {col: probs[:, j] for j, col in enumerate(PROB_COLUMNS)}
+    columns["score"] = scores_from_probs(probs)
+    columns["pred_label"] = np.asarray(LABELS, dtype=object)[probs.argmax(axis=1)]
+    return columns
+
+
+def _check_texts(values: Sequence, what: str) -> None:
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise TypeError(f"{what}[{i}] must be a str, got {type(v).__name__}: {v!r}")
+
+
 class Reranker:
     """Score (query, item_text) pairs with the 4-class reranker.
 
     >>> rr = Reranker.from_pretrained("Qwen/Qwen3-0.6B", lora_model="outputs/lora")
     >>> rr.rank("usb c charger", ["Anker 65W USB-C charger", "HDMI cable"])[0]["item"]
+
+    Edge cases, by design:
+
+    * **No pairs / no items**: ``predict([])`` and ``rank(q, [])`` return ``[]``
+      without touching the model.
+    * **Empty strings** (``""`` or blanks) are scored as given: the prompt holds an
+      empty ``<Query>:`` / ``<Document>:`` slot. Nothing is dropped, so outputs stay
+      aligned with inputs. (``predict.py`` is stricter and rejects blank cells,
+      which in a file are almost always a data bug.) Non-``str`` values raise TypeError.
+    * **Long texts** are truncated to ``max_length`` prompt tokens exactly as in
+      training: the item text is cut first, then the query if it alone does not
+      fit; the template and the answer suffix are always kept whole. A long
+      item therefore scores as its first tokens; nothing errors.
     """
 
-    def __init__(self, model, tokenizer, max_length: int = 512, batch_size: int = 32):
+    def __init__(self, model, tokenizer, max_length: int = 512, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, reuse_prefix: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.encoder = PromptEncoder(tokenizer, max_length)
-        self.batch_size = batch_size
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        # The system turn + instruction (~100 tokens) is the same for every pair: encode it once.
+        self.prefix_ids = self.encoder.head_ids if reuse_prefix else []
 
     @classmethod
-    def from_pretrained(cls, base_model: str, lora_model: str | None = None, device: str | None = None,
-                        dtype: torch.dtype | None = None, max_length: int = 512, batch_size: int = 32,
+    def from_pretrained(cls, base_model: str, lora_model: str | None = None, device: torch.device | str | None = None,
+                        dtype: torch.dtype | str | None = None, max_length: int = 512,
+                        batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
                         no_flash_attn: bool = False) -> "Reranker":
-        model, tokenizer = load_reranker(base_model, lora_model, dtype or torch.float32, no_flash_attn, device)
-        return cls(model, tokenizer, max_length, batch_size)
+        """Load ``base_model`` (+ the LoRA folder ``lora_model``, or a merged export alone).
+
+        ``device``: default cuda when available, else cpu. ``dtype``: a torch dtype, ``"fp32"``,
+        ``"bf16"`` or ``"auto"``/None (bf16 on CUDA and on CPUs with native bf16, else fp32; the
+        same rule as ``eval.py``). ``batch_size`` / ``max_batch_tokens``: the most pairs / padded
+        tokens per forward pass. Missing folders raise :class:`ESCIDataError`.
+        """
+        check_model_paths(base_model, lora_model)
+        model, tokenizer = load_reranker(base_model, lora_model, resolve_dtype(dtype), no_flash_attn, device)
+        return cls(model, tokenizer, max_length, batch_size, max_batch_tokens)
+
+    def encode(self, queries: Sequence[str], items: Sequence[str]) -> list[list[int]]:
+        """Prompt token ids, exactly as ``ESCIMultiClassRerankDataset`` builds them (truncation included)."""
+        return self.encoder.encode_batch(list(queries), list(items))
 
     def predict_probs(self, queries: Sequence[str], items: Sequence[str], progress: bool = False) -> np.ndarray:
-        """``[N, 4]`` probabilities for aligned query/item lists. Empty strings are scored as given."""
+        """``[N, 4]`` float64 probabilities (``LABELS`` order) for aligned query/item lists, in input order."""
+        if len(queries) != len(items):
+            raise ValueError(f"got {len(queries)} queries but {len(items)} items; they must be aligned")
+        _check_texts(queries, "queries")
+        _check_texts(items, "items")
+        if not len(queries):
+            return np.zeros((0, len(LABELS)), dtype=np.float64)
         token_ids = []
-        for start in range(0, len(queries), 4096):
-            token_ids += self.encoder.encode_batch(queries[start:start + 4096], items[start:start + 4096])
-        return score_token_ids(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, progress)
+        for start in range(0, len(queries), 4096):  # bounded tokenizer calls for very large inputs
+            token_ids += self.encode(queries[start:start + 4096], items[start:start + 4096])
+        return score_token_ids(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, progress,
+                               self.prefix_ids, self.max_batch_tokens)
 
-    def predict(self, pairs: Iterable[tuple[str, str]]) -> list[dict]:
-        """Per pair: ``p_E, p_S, p_C, p_I, score, pred_label``, in input order."""
+    def predict(self, pairs: Iterable[tuple[str, str]], progress: bool = False) -> list[dict]:
+        """Per pair ``(query, item_text)``: ``{p_E, p_S, p_C, p_I, score, pred_label}``, in input order.
+
+        ``score = (3·p_E + 2·p_S + p_C) / 3`` in [0, 1]; ``pred_label`` is the argmax class.
+        """
         pairs = list(pairs)
-        if not pairs:
-            return []
-        probs = self.predict_probs([q for q, _ in pairs], [d for _, d in pairs])
-        return [_prediction(p, s) for p, s in zip(probs, scores_from_probs(probs))]
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise TypeError(f"pairs[{i}] must be a (query, item_text) pair, got {pair!r}")
+        probs = self.predict_probs([q for q, _ in pairs], [d for _, d in pairs], progress)
+        return prediction_records(probs)
 
     def rank(self, query: str, items: Sequence[str], top_k: int | None = None) -> list[dict]:
-        """Items sorted by descending score (ties keep input order), each with ``index`` and ``item``."""
-        results = [{"index": i, "item": item, **pred} for i, (item, pred) in
-                   enumerate(zip(items, self.predict((query, item) for item in items)))]
-        results.sort(key=lambda r: -r["score"])
-        return results[:top_k] if top_k is not None else results
+        """``items`` sorted by descending score (ties keep input order); the first ``top_k`` (all if None).
+
+        Each result: ``{index, item, p_E, p_S, p_C, p_I, score, pred_label}``, where
+        ``index`` is the item's position in ``items``.
+        """
+        if isinstance(items, str):
+            raise TypeError("items must be a list of strings, not one string")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
+        items = list(items)
+        return rank_results(items, prediction_records(self.predict_probs([query] * len(items), items)), top_k)
 
 
-def _prediction(probs: np.ndarray, score: float) -> dict:
-    return {**{col: float(p) for col, p in zip(PROB_COLUMNS, probs)}, "score": float(score),
-            "pred_label": LABELS[int(np.argmax(probs))]}
+def prediction_records(probs: np.ndarray) -> list[dict]:
+    """``probs [N, 4]`` -> N dicts ``{p_E, p_S, p_C, p_I, score, pred_label}`` of plain Python types."""
+    columns = prediction_columns(probs)
+    return [{name: (str(values[i]) if name == "pred_label" else float(values[i])) for name, values in columns.items()}
+            for i in range(len(probs))]
+
+
+def rank_results(items: Sequence[str], preds: Sequence[dict], top_k: int | None = None) -> list[dict]:
+    """``[{index, item, **pred}]`` by descending score; ties keep input order (stable sort)."""
+    results = [{"index": i, "item": item, **pred} for i, (item, pred) in enumerate(zip(items, preds))]
+    results.sort(key=lambda r: -r["score"])
+    return results[:top_k] if top_k is not None else results

@@ -40,3 +40,26 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def demo_data(tmp_path_factory) -> tuple[str, str]:
     """Synthetic ESCI-like train/test parquet files (disjoint queries)."""
     return demo.write_demo_data(str(tmp_path_factory.mktemp("data")), n_train_queries=240, n_test_queries=40)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """A LoRA folder laid out as train.py saves it, with random non-zero B matrices (no training needed)."""
+    import torch
+
+    from esci_dataset import label_token_ids
+    from modeling import DEFAULT_LORA_TARGETS, apply_lora, attach_label_head, load_base_model, load_tokenizer, save_reranker_config
+
+    out_dir = str(tmp_path_factory.mktemp("adapter") / "lora")
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = apply_lora(attach_label_head(load_base_model(tiny_model_dir), label_token_ids(tokenizer)),
+                       r=8, alpha=16, dropout=0.0, target_modules=DEFAULT_LORA_TARGETS)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    save_reranker_config(out_dir, tokenizer, tiny_model_dir)
+    return out_dir

@@ -1,0 +1,158 @@
+"""The Reranker API: same numbers as the eval path, input order kept, and defined edge cases."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import demo
+from esci_dataset import LABELS, ESCIDataError, ESCIMultiClassRerankDataset
+from reranker import (
+    PROB_COLUMNS,
+    Reranker,
+    prediction_columns,
+    rank_results,
+    score_token_ids,
+    scores_from_probs,
+)
+
+MAX_LENGTH = 256  # the demo items fit; the long-text test goes past it on purpose
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def rr(tiny_model_dir, adapter_dir):
+    return Reranker.from_pretrained(tiny_model_dir, adapter_dir, device="cpu", dtype="fp32", max_length=MAX_LENGTH, batch_size=BATCH)
+
+
+@pytest.fixture(scope="module")
+def pairs_df():
+    df = demo.synthetic_esci(2, items_per_query=5, seed=3)  # 10 rows, mixed lengths
+    df.loc[1, "item_text"] += " with a much longer description" * 3
+    return df
+
+
+@pytest.fixture(scope="module")
+def predictions(rr, pairs_df):
+    return rr.predict(zip(pairs_df["query"], pairs_df["item_text"]))
+
+
+def _probs(preds):
+    return np.array([[p[c] for c in PROB_COLUMNS] for p in preds])
+
+
+# ---------------------------------------------------------------------------
+# One scoring path
+# ---------------------------------------------------------------------------
+def test_predict_equals_the_dataset_scoring_path_eval_uses(rr, pairs_df, predictions):
+    ds = ESCIMultiClassRerankDataset(pairs_df, rr.tokenizer, MAX_LENGTH)
+    token_ids = [ids.tolist() for ids in ds.input_ids]
+    expected = score_token_ids(rr.model, token_ids, rr.tokenizer.pad_token_id, BATCH,
+                               prefix_ids=rr.prefix_ids, max_batch_tokens=rr.max_batch_tokens)
+    assert np.array_equal(_probs(predictions), expected)  # bit-identical, not just close
+    full_prompts = score_token_ids(rr.model, token_ids, rr.tokenizer.pad_token_id, BATCH)
+    assert abs(full_prompts - expected).max() < 1e-5  # prefix-KV reuse changes nothing (fp32)
+    assert np.array_equal([p["score"] for p in predictions], scores_from_probs(expected))
+    assert [p["pred_label"] for p in predictions] == [LABELS[i] for i in expected.argmax(1)]
+    assert set(predictions[0]) == {*PROB_COLUMNS, "score", "pred_label"}
+
+
+def test_eval_py_saved_scores_equal_predict(rr, tiny_model_dir, adapter_dir, pairs_df, predictions, tmp_path):
+    eval_cli = pytest.importorskip("eval")
+    flags = eval_cli.make_parser()._option_string_actions
+    if not {"--eval_file", "--save_scores_path", "--batch_size"} <= set(flags):
+        pytest.skip("eval.py has no --eval_file/--save_scores_path/--batch_size")
+    data, scores = tmp_path / "eval.parquet", tmp_path / "scores.parquet"
+    pairs_df.to_parquet(data, index=False)
+    rc = eval_cli.main(["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--dtype", "fp32", "--eval_file", str(data),
+                        "--max_length", str(MAX_LENGTH), "--batch_size", str(BATCH), "--save_scores_path", str(scores),
+                        "--metrics_path", str(tmp_path / "metrics.json")])
+    assert rc == 0
+    saved = pd.read_parquet(scores)
+    assert np.array_equal(saved[list(PROB_COLUMNS)].to_numpy(), _probs(predictions))
+    assert np.array_equal(saved["score"].to_numpy(), [p["score"] for p in predictions])
+
+
+def test_output_keeps_input_order_whatever_the_batching(rr, pairs_df, predictions):
+    pairs = list(zip(pairs_df["query"], pairs_df["item_text"]))
+    reversed_preds = rr.predict(pairs[::-1])[::-1]
+    np.testing.assert_allclose(_probs(reversed_preds), _probs(predictions), rtol=0, atol=1e-6)
+    one_by_one = Reranker(rr.model, rr.tokenizer, MAX_LENGTH, batch_size=1).predict(pairs[:4])
+    np.testing.assert_allclose(_probs(one_by_one), _probs(predictions[:4]), rtol=0, atol=1e-6)
+
+
+def test_rank_sorts_by_score_and_matches_predict(rr, pairs_df, predictions):
+    query, items = pairs_df["query"][0], pairs_df["item_text"][:5].tolist()
+    ranked = rr.rank(query, items)
+    assert sorted(r["index"] for r in ranked) == list(range(5))
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    for r in ranked:
+        assert r["item"] == items[r["index"]]
+        assert r["score"] == pytest.approx(predictions[r["index"]]["score"], abs=1e-6)
+    assert rr.rank(query, items, top_k=2) == ranked[:2]
+    assert rr.rank(query, items, top_k=0) == []
+    with pytest.raises(ValueError):
+        rr.rank(query, items, top_k=-1)
+
+
+def test_rank_results_ties_keep_input_order():
+    preds = [{"score": s} for s in (0.5, 0.9, 0.5, 0.1)]
+    assert [r["index"] for r in rank_results(list("abcd"), preds)] == [1, 0, 2, 3]
+
+
+def test_prediction_columns_hand_computed():
+    cols = prediction_columns(np.array([[1.0, 0, 0, 0], [0, 0, 0, 1.0], [0.25, 0.25, 0.25, 0.25], [0, 0.5, 0.5, 0]]))
+    np.testing.assert_allclose(cols["score"], [1.0, 0.0, 0.5, 0.5])  # (3E + 2S + C) / 3
+    assert list(cols["pred_label"]) == ["E", "I", "E", "S"]  # argmax; a tie goes to the first label
+    assert prediction_columns(np.zeros((0, 4)))["score"].shape == (0,)
+
+
+# ---------------------------------------------------------------------------
+# Edge cases, as documented in the Reranker docstring
+# ---------------------------------------------------------------------------
+def test_empty_inputs_return_empty_results(rr):
+    assert rr.predict([]) == []
+    assert rr.rank("usb charger", []) == []
+    assert rr.predict_probs([], []).shape == (0, len(LABELS))
+
+
+def test_empty_strings_are_scored_as_given(rr):
+    ids = rr.encode([""], [""])[0]
+    assert len(ids) == rr.encoder.fixed_len + 2  # each empty slot is just its leading space
+    preds = rr.predict([("", ""), ("usb charger", "   ")])
+    assert len(preds) == 2
+    for p in preds:
+        assert sum(p[c] for c in PROB_COLUMNS) == pytest.approx(1.0)
+        assert 0.0 <= p["score"] <= 1.0
+
+
+def test_non_text_and_misaligned_inputs_raise(rr):
+    with pytest.raises(TypeError, match=r"items\[1\]"):
+        rr.predict([("q", "a"), ("q", None)])
+    with pytest.raises(TypeError, match="pair"):
+        rr.predict([("q", "a", "b")])
+    with pytest.raises(TypeError, match="list of strings"):
+        rr.rank("q", "one string")
+    with pytest.raises(ValueError, match="aligned"):
+        rr.predict_probs(["q"], ["a", "b"])
+
+
+def test_very_long_item_is_truncated_keeping_the_suffix(rr):
+    item = "Title: Acme laptop Brand: Acme " + "very long spec sheet " * 3000
+    ids, ids_longer = rr.encode(["acme laptop"] * 2, [item, item + " and even more text at the end"])
+    assert len(ids) == MAX_LENGTH and ids == ids_longer
+    assert ids[-len(rr.encoder.tail_ids):] == rr.encoder.tail_ids  # the answer position is intact
+    long_query = rr.encode(["acme " * 5000], ["x"])[0]
+    assert len(long_query) == MAX_LENGTH and long_query[-len(rr.encoder.tail_ids):] == rr.encoder.tail_ids
+    a, b = rr.predict([("acme laptop", item), ("acme laptop", item + " and even more text at the end")])
+    assert a == b
+
+
+def test_missing_folders_raise_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ESCIDataError, match="--lora_model .*folder not found"):
+        Reranker.from_pretrained(tiny_model_dir, str(tmp_path / "absent"))
+    with pytest.raises(ESCIDataError, match="adapter_config.json"):
+        Reranker.from_pretrained(tiny_model_dir, str(tmp_path))
+    with pytest.raises(ESCIDataError, match="--base_model .*folder not found"):
+        Reranker.from_pretrained(os.path.join(str(tmp_path), "absent", "model"))

@@ -67,23 +67,82 @@ def detach_label_head(causal_lm: nn.Module) -> nn.Module:
     return causal_lm
 
 
-def label_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Label logits ``[B, 4]`` (``LABELS`` order) at the last position of a left-padded batch.
+def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv: "PrefixKV | None" = None) -> torch.Tensor:
+    """Label logits ``[B, 4]`` (``LABELS`` order) at the last token of each prompt.
 
     ``model`` is a causal LM (or a peft/DDP wrapper of one) with the label head
-    attached. Extra keys in ``batch`` (``labels``) are ignored.
+    attached. ``batch`` is one of:
+
+    * left-padded (``collate_left_padded``): ``input_ids``, ``attention_mask``,
+      ``position_ids`` ``[B, L]``; the last position is read;
+    * packed, padding-free (``collate_packed``): ``input_ids``, ``position_ids``
+      ``[1, T]`` and ``last_token_mask`` ``[1, T]`` marking each prompt's end.
+
+    With ``prefix_kv`` (see :func:`encode_prefix`), a left-padded batch holds only
+    what follows the shared prefix, whose keys/values are reused instead of recomputed.
+    Extra keys (``labels``) are ignored.
     """
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch.get("position_ids"),
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    logits = out.logits[:, -1, :]
+    if "last_token_mask" in batch:
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    logits_to_keep=batch["last_token_mask"], use_cache=False)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
+    elif prefix_kv is not None:
+        n_rows = batch["input_ids"].shape[0]
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=torch.cat([prefix_kv.mask(n_rows), batch["attention_mask"]], dim=1),
+            position_ids=batch["position_ids"] + prefix_kv.length,
+            logits_to_keep=1,
+            use_cache=True,
+            **cache_kwargs(prefix_kv.cache(n_rows)),
+        )
+        logits = out.logits[:, -1, :]
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch.get("position_ids"), logits_to_keep=1, use_cache=False)
+        logits = out.logits[:, -1, :]
     if logits.shape[-1] != len(LABELS):
         raise RuntimeError(f"expected {len(LABELS)} label logits, got {logits.shape[-1]}: is the label head attached?")
     return logits
+
+
+class PrefixKV:
+    """Keys/values of a prompt prefix shared by every pair (system turn + instruction).
+
+    Computed once with batch size 1; :meth:`cache` hands each batch its own
+    cache whose rows view the same prefix, so the prefix costs nothing per pair.
+    """
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.layers = layers
+        self.length = layers[0][0].shape[-2]
+
+    def cache(self, n_rows: int):
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
+                                            for k, v in self.layers])
+
+    def mask(self, n_rows: int) -> torch.Tensor:
+        device = self.layers[0][0].device
+        return torch.ones((n_rows, self.length), dtype=torch.long, device=device)
+
+
+@torch.inference_mode()
+def encode_prefix(model: nn.Module, prefix_ids: Sequence[int]) -> PrefixKV:
+    """Run the shared prefix once and keep its per-layer keys/values (inference only)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    return PrefixKV([(layer.keys, layer.values) for layer in cache.layers])
+
+
+def cache_kwargs(cache) -> dict:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; pass it under the name this version uses."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return {"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache}
 
 
 def score_from_probs(probs: torch.Tensor) -> torch.Tensor:
@@ -100,6 +159,36 @@ def pick_attn_implementation(no_flash_attn: bool = False) -> str:
     if not no_flash_attn and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (avx512_bf16 or AMX); elsewhere bf16 is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+    if torch.cuda.is_available() or cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: "torch.dtype | str | None") -> torch.dtype:
+    """A torch dtype, a name (``fp32``, ``bf16``, ...) or ``auto``/None (:func:`default_dtype`)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES.get(dtype) or default_dtype()
 
 
 def load_tokenizer(path: str):

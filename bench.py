@@ -1,0 +1,317 @@
+"""Side-by-side speed and memory benchmark: our eval and training paths against the reference recipes.
+
+In one process, on the same model and the same pairs, with interleaved repeats:
+
+* **eval**: ``Reranker.predict_probs`` (what ``eval.py`` runs, default settings) against the
+  Qwen3-Reranker transformers example adapted to 4 labels: left padding, batches in input order
+  padded to their longest, a full-vocabulary forward, then ``logits[:, -1, label_ids]``;
+* **train**: our training step (length-grouped batches, 4-row head, CE over 4 logits; packed
+  batches when flash-attn + CUDA are available) against a default ``Trainer`` + causal-LM step:
+  random-order batches padded to their longest, the label word appended, and the LM loss over the
+  full vocabulary taken on it. Both train the same LoRA weights with AdamW.
+
+    python bench.py --model tiny                  # smoke run, seconds
+    python bench.py --model qwen3-0.6b            # real shape, random init (no download)
+    python bench.py --model /models/Qwen3-0.6B    # a real checkpoint
+
+It ends with one line per metric: eval_speedup_vs_reference, train_speedup_vs_naive,
+train_peak_memory_ratio. Peak memory is counted above the loaded model over a whole epoch of
+batches: ``max_memory_allocated`` on CUDA, sampled process RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+import torch
+
+from demo import build_tiny_model, qwen3_tokenizer_dir
+from esci_dataset import LABELS, PromptEncoder, collate_left_padded, collate_packed, label_token_ids
+from modeling import (apply_lora, attach_label_head, detach_label_head, label_logits, load_tokenizer,
+                      pick_attn_implementation, resolve_dtype)
+from reranker import Reranker
+
+# Qwen3-tokenizer token counts of query + item_text on real ESCI US rows (title, brand, color, bullets).
+ESCI_TOKEN_QUANTILES = [(0.0, 8), (0.05, 19), (0.25, 91), (0.50, 170), (0.75, 268), (0.95, 414), (0.99, 560), (1.0, 700)]
+QWEN3_06B_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       max_position_embeddings=40960)
+WORDS = ("wireless bluetooth headphones noise cancelling over ear battery charging case black white silver "
+         "stainless steel kitchen knife set with block premium quality durable lightweight portable compact "
+         "outdoor camping tent waterproof family size easy setup cotton shirt men women kids size small medium "
+         "large pack of replacement filter compatible model water bottle insulated keeps drinks cold hours "
+         "gaming mouse ergonomic design adjustable programmable buttons light led office home gift ideal").split()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=str, default="tiny", help="'tiny', 'qwen3-0.6b' (real shape, random init) or a model folder")
+    p.add_argument("--n_queries", type=int, default=None, help="synthetic queries (default: 8 for tiny, 4 otherwise)")
+    p.add_argument("--items_per_query", type=int, default=12, help="candidate items per query (ESCI has ~10-20)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per side; median and spread are reported")
+    p.add_argument("--eval_batch_size", type=int, default=16, help="pairs per batch for the reference eval recipe")
+    p.add_argument("--train_batch_size", type=int, default=8, help="pairs per training step, both sides")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="both sides use it; auto = bf16 on CUDA or a CPU with avx512_bf16/AMX, else fp32")
+    p.add_argument("--skip_train", action="store_true", help="only benchmark evaluation")
+    p.add_argument("--skip_eval", action="store_true", help="only benchmark training")
+    p.add_argument("--seed", type=int, default=0, help="seed for the workload, weights and batch order")
+    p.add_argument("--json", type=str, default=None, help="also write all numbers to this JSON file")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Workload
+# ---------------------------------------------------------------------------
+def sample_token_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Query+item token counts drawn from the measured ESCI quantiles (inverse CDF, linear between)."""
+    qs, vals = zip(*ESCI_TOKEN_QUANTILES)
+    return np.round(np.interp(rng.random(n), qs, vals)).astype(int)
+
+
+def synthetic_pairs(tokenizer, n_queries: int, items_per_query: int, seed: int) -> tuple[list[str], list[str]]:
+    """ESCI-like (query, item_text) pairs whose token counts follow ESCI_TOKEN_QUANTILES."""
+    rng = np.random.default_rng(seed)
+    queries, items = [], []
+    for _ in range(n_queries):
+        query = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 6))))
+        q_len = len(tokenizer.encode(" " + query, add_special_tokens=False))
+        for total in sample_token_lengths(items_per_query, rng):
+            words = " ".join(rng.choice(WORDS, size=max(1, int(total) - q_len) * 2))
+            ids = tokenizer.encode(" " + words, add_special_tokens=False)[: max(1, int(total) - q_len)]
+            queries.append(query)
+            items.append(tokenizer.decode(ids).strip())
+    return queries, items
+
+
+def load_bench_model(spec: str, dtype: torch.dtype, workdir: str):
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    attn = pick_attn_implementation()
+    if attn == "flash_attention_2" and dtype == torch.float32:
+        attn = "sdpa"
+    if spec == "tiny":
+        path = build_tiny_model(os.path.join(workdir, "tiny-qwen3"))
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn), load_tokenizer(path)
+    if spec == "qwen3-0.6b":
+        tokenizer = load_tokenizer(qwen3_tokenizer_dir())
+        config = Qwen3Config(**QWEN3_06B_SHAPE, pad_token_id=tokenizer.pad_token_id)
+        config._attn_implementation = attn
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Qwen3ForCausalLM(config).to(dtype)
+        return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation=attn), load_tokenizer(spec)
+
+
+# ---------------------------------------------------------------------------
+# Memory probe
+# ---------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base, self._stop = _rss(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss() - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------------------
+# Eval: reference recipe vs ours
+# ---------------------------------------------------------------------------
+@torch.inference_mode()
+def reference_eval(model, tokenizer, token_ids, label_ids, batch_size: int) -> np.ndarray:
+    """Qwen3-Reranker's example, 4 labels: input order, left padding, full-vocab logits, then the label columns."""
+    device = next(model.parameters()).device
+    probs = []
+    for start in range(0, len(token_ids), batch_size):
+        batch = collate_left_padded([{"input_ids": t} for t in token_ids[start:start + batch_size]], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        probs.append(torch.softmax(logits[:, -1, label_ids].float(), dim=-1).cpu())
+    return torch.cat(probs).double().numpy()
+
+
+# ---------------------------------------------------------------------------
+# Training: naive step vs ours
+# ---------------------------------------------------------------------------
+def naive_batches(token_ids, labels, label_ids, batch_size, pad_id, seed):
+    """Random order; the label word appended; right-padded to the longest; LM labels only on the answer."""
+    order = np.random.default_rng(seed).permutation(len(token_ids))
+    for start in range(0, len(order), batch_size):
+        rows = [list(token_ids[i]) + [label_ids[labels[i]]] for i in order[start:start + batch_size]]
+        longest = max(map(len, rows))
+        ids = torch.full((len(rows), longest), pad_id)
+        mask = torch.zeros_like(ids)
+        lm_labels = torch.full_like(ids, -100)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+            lm_labels[r, len(row) - 1] = row[-1]
+        yield {"input_ids": ids, "attention_mask": mask, "labels": lm_labels}
+
+
+def our_batches(token_ids, labels, batch_size, pad_id, seed, packed: bool):
+    """Length-grouped like Trainer's group_by_length: shuffle, sort within mega-batches of 50 batches."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    generator = torch.Generator().manual_seed(seed)
+    order = list(LengthGroupedSampler(batch_size, lengths=[len(t) for t in token_ids], generator=generator))
+    for start in range(0, len(order), batch_size):
+        feats = [{"input_ids": token_ids[i], "labels": labels[i]} for i in order[start:start + batch_size]]
+        yield collate_packed(feats) if packed else collate_left_padded(feats, pad_id)
+
+
+def run_epoch(model, batches, step_fn, optimizer, device) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        loss = step_fn(model, {k: v.to(device) for k, v in batch.items()})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def naive_step(model, batch):
+    return model(**batch).loss
+
+
+def our_step(model, batch):
+    return torch.nn.functional.cross_entropy(label_logits(model, batch).float(), batch["labels"])
+
+
+# ---------------------------------------------------------------------------
+def _median_spread(values):
+    return statistics.median(values), (max(values) - min(values))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype)
+    workdir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tiny-reranker-bench-{os.getpid()}")
+    model, tokenizer = load_bench_model(args.model, dtype, workdir)
+    model.to(device).eval()
+    n_queries = args.n_queries or (8 if args.model == "tiny" else 4)
+    queries, items = synthetic_pairs(tokenizer, n_queries, args.items_per_query, args.seed)
+    encoder = PromptEncoder(tokenizer, 512)
+    token_ids = encoder.encode_batch(queries, items)
+    lengths = np.array([len(t) for t in token_ids])
+    label_ids = label_token_ids(tokenizer)
+    labels = np.random.default_rng(args.seed).integers(0, len(LABELS), len(token_ids)).tolist()
+    results = {"model": args.model, "device": str(device), "dtype": str(dtype), "pairs": len(token_ids),
+               "prompt_tokens": {"mean": float(lengths.mean()), "p50": float(np.median(lengths)),
+                                 "p95": float(np.percentile(lengths, 95)), "total": int(lengths.sum())},
+               "threads": torch.get_num_threads()}
+    print(f"model {args.model} on {device} ({dtype}), {len(token_ids)} pairs, prompt tokens mean "
+          f"{lengths.mean():.0f} p50 {np.median(lengths):.0f} p95 {np.percentile(lengths, 95):.0f}")
+    lines = []
+
+    if not args.skip_eval:
+        reranker = Reranker(model, tokenizer)  # eval.py's defaults
+        ref_t, our_t, diffs = [], [], []
+        for _ in range(args.repeats):
+            detach_label_head(model)
+            t = time.perf_counter()
+            ref = reference_eval(model, tokenizer, token_ids, label_ids, args.eval_batch_size)
+            ref_t.append(time.perf_counter() - t)
+            attach_label_head(model, label_ids)
+            t = time.perf_counter()
+            ours = reranker.predict_probs(queries, items)
+            our_t.append(time.perf_counter() - t)
+            diffs.append(float(abs(ref - ours).max()))
+        (ref_m, ref_s), (our_m, our_s) = _median_spread(ref_t), _median_spread(our_t)
+        ratios = [r / o for r, o in zip(ref_t, our_t)]
+        results["eval"] = {"reference_s": ref_t, "ours_s": our_t, "max_prob_diff": max(diffs),
+                           "reference_tokens_per_s": lengths.sum() / ref_m, "ours_tokens_per_s": lengths.sum() / our_m,
+                           "reference_pairs_per_s": len(lengths) / ref_m, "ours_pairs_per_s": len(lengths) / our_m,
+                           "speedup": ref_m / our_m, "speedup_min": min(ratios), "speedup_max": max(ratios)}
+        e = results["eval"]
+        print(f"\n{'eval':<10}{'tokens/s':>12}{'pairs/s':>10}{'median s':>10}{'spread s':>10}")
+        print(f"{'reference':<10}{e['reference_tokens_per_s']:>12.1f}{e['reference_pairs_per_s']:>10.2f}{ref_m:>10.2f}{ref_s:>10.2f}")
+        print(f"{'ours':<10}{e['ours_tokens_per_s']:>12.1f}{e['ours_pairs_per_s']:>10.2f}{our_m:>10.2f}{our_s:>10.2f}")
+        print(f"max |prob difference| between the two: {e['max_prob_diff']:.2e}")
+        print(f"speedup per repeat: {', '.join(f'{r:.2f}' for r in ratios)}")
+        lines.append(f"eval_speedup_vs_reference: {e['speedup']:.2f}")
+
+    if not args.skip_train:
+        model.train()
+        model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="q_proj,v_proj")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        packed = pick_attn_implementation() == "flash_attention_2" and dtype != torch.float32
+        causal_lm = model.get_base_model()
+        naive_t, our_t, naive_m, our_m = [], [], [], []
+        for rep in range(args.repeats):
+            detach_label_head(causal_lm)
+            with PeakMemory(device) as mem:
+                naive_t.append(run_epoch(model, naive_batches(token_ids, labels, label_ids, args.train_batch_size,
+                                                              tokenizer.pad_token_id, args.seed + rep),
+                                         naive_step, optimizer, device))
+            naive_m.append(mem.peak)
+            attach_label_head(causal_lm, label_ids)
+            with PeakMemory(device) as mem:
+                our_t.append(run_epoch(model, our_batches(token_ids, labels, args.train_batch_size,
+                                                          tokenizer.pad_token_id, args.seed + rep, packed),
+                                       our_step, optimizer, device))
+            our_m.append(mem.peak)
+        (n_med, n_spr), (o_med, o_spr) = _median_spread(naive_t), _median_spread(our_t)
+        ratios = [n / o for n, o in zip(naive_t, our_t)]
+        mem_ratio = statistics.median(our_m) / max(1, statistics.median(naive_m))
+        results["train"] = {"naive_s": naive_t, "ours_s": our_t, "naive_peak_bytes": naive_m, "ours_peak_bytes": our_m,
+                            "naive_tokens_per_s": lengths.sum() / n_med, "ours_tokens_per_s": lengths.sum() / o_med,
+                            "speedup": n_med / o_med, "speedup_min": min(ratios), "speedup_max": max(ratios),
+                            "peak_memory_ratio": mem_ratio, "packed": packed}
+        t = results["train"]
+        print(f"\n{'train':<10}{'tokens/s':>12}{'pairs/s':>10}{'median s':>10}{'spread s':>10}{'peak MiB':>10}")
+        for name, med, spr, mem in (("naive", n_med, n_spr, naive_m), ("ours", o_med, o_spr, our_m)):
+            print(f"{name:<10}{lengths.sum() / med:>12.1f}{len(lengths) / med:>10.2f}{med:>10.2f}{spr:>10.2f}"
+                  f"{statistics.median(mem) / 2**20:>10.1f}")
+        print(f"speedup per repeat: {', '.join(f'{r:.2f}' for r in ratios)}")
+        lines.append(f"train_speedup_vs_naive: {t['speedup']:.2f}")
+        lines.append(f"train_peak_memory_ratio: {mem_ratio:.2f}")
+
+    print()
+    for line in lines:
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Every fast path equals the plain path on the tiny model: prefix-KV reuse, packed batches, token budgets."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from esci_dataset import PromptEncoder, collate_left_padded, collate_packed, label_token_ids
+from modeling import apply_lora, attach_label_head, encode_prefix, label_logits, load_base_model
+from tests.conftest import ROOT
+
+QUERIES = ["usb c charger", "red running shoes for women", "tent", "a very long query " * 12]
+DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red " * 20, "Title: tent", "short"]
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir, qwen3_tokenizer):
+    torch.manual_seed(0)
+    model = apply_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    attach_label_head(model.get_base_model(), label_token_ids(qwen3_tokenizer))
+    return model
+
+
+def _features(tokenizer, max_length=512):
+    enc = PromptEncoder(tokenizer, max_length)
+    return enc, [{"input_ids": ids, "labels": i % 4} for i, ids in enumerate(enc.encode_batch(QUERIES, DOCS))]
+
+
+def test_prefix_kv_reuse_equals_full_prompt(lora_model, qwen3_tokenizer):
+    enc, feats = _features(qwen3_tokenizer)
+    prefix = enc.head_ids
+    assert all(f["input_ids"][:len(prefix)] == prefix for f in feats)
+    lora_model.eval()
+    with torch.inference_mode():
+        plain = label_logits(lora_model, collate_left_padded(feats, qwen3_tokenizer.pad_token_id))
+        pkv = encode_prefix(lora_model, prefix)
+        rest = [{"input_ids": f["input_ids"][len(prefix):]} for f in feats]
+        reused = label_logits(lora_model, collate_left_padded(rest, qwen3_tokenizer.pad_token_id), prefix_kv=pkv)
+    assert pkv.length == len(prefix)
+    torch.testing.assert_close(torch.softmax(reused, -1), torch.softmax(plain, -1), atol=1e-5, rtol=0)
+
+
+def test_packed_batch_matches_padded_loss_and_lora_gradients(lora_model, qwen3_tokenizer):
+    _, feats = _features(qwen3_tokenizer)
+    results = []
+    lora_model.train()
+    for batch in (collate_left_padded(feats, qwen3_tokenizer.pad_token_id), collate_packed(feats)):
+        lora_model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(label_logits(lora_model, batch), batch["labels"])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    lora_model.zero_grad()
+    lora_model.eval()
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    assert packed_grads and all(g.abs().sum() > 0 for g in padded_grads.values())
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_collator_layout():
+    batch = collate_packed([{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8, 9], "labels": 3}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["last_token_mask"].tolist() == [[False, False, True, False, True]]
+    assert batch["labels"].tolist() == [1, 3]
+
+
+def test_bench_smoke_prints_the_three_ratio_lines(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--n_queries", "1",
+                           "--items_per_query", "4", "--repeats", "1", "--dtype", "fp32", "--json", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tail = [line for line in proc.stdout.splitlines() if line.strip()][-3:]
+    for line, name in zip(tail, ("eval_speedup_vs_reference", "train_speedup_vs_naive", "train_peak_memory_ratio")):
+        key, value = line.split(": ")
+        assert key == name and float(value) >= 0
+    import json
+
+    numbers = json.loads((tmp_path / "b.json").read_text())
+    assert numbers["eval"]["max_prob_diff"] < 1e-4  # fp32: the fast path scores like the reference
+    assert numbers["eval"]["speedup"] > 0 and numbers["train"]["speedup"] > 0

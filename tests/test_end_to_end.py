@@ -27,7 +27,7 @@ def trained(tiny_model_dir, demo_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(trained, tiny_model_dir, demo_data):
     scores = os.path.join(trained, "scores.parquet")
-    rc = eval_cli.main(["--base_model", tiny_model_dir, "--lora_model", trained, "--eval_file", demo_data[1],
+    rc = eval_cli.main(["--base_model", tiny_model_dir, "--lora_model", trained, "--dtype", "fp32", "--eval_file", demo_data[1],
                         "--max_length", "256", "--save_scores_path", scores])
     assert rc == 0
     with open(os.path.join(trained, "eval_metrics.json")) as f:

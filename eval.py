@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logger.info("evaluating %d pairs from %s with %s%s", len(df), args.eval_file, args.base_model,
                 f" + {args.lora_model}" if args.lora_model else " (zero-shot, no adapter)")
+    first = reranker.encode(df["query"].iloc[:1], df["item_text"].iloc[:1])[0]
+    logger.info("example prompt (%d tokens, label %s):\n%s", len(first), df["esci_label"].iloc[0],
+                reranker.tokenizer.decode(first))
 
     # 3. Score (length-sorted batches, last position, 4-way softmax) -------------------
     probs = reranker.predict_probs(df["query"].tolist(), df["item_text"].tolist(), progress=True)

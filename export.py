@@ -39,7 +39,7 @@ from esci_dataset import (
     ESCIDataError,
     format_instruction,
     label_words,
-    render_prompt,
+    prompt_pieces,
 )
 from modeling import detach_label_head, save_reranker_config
 from reranker import check_model_paths, load_reranker
@@ -68,9 +68,9 @@ def make_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------
 def prompt_template() -> str:
     """The full prompt with ``{query}`` and ``{document}`` slots, ready for ``str.format`` (literal braces escaped)."""
-    q, d = "\x00QUERY\x00", "\x00DOC\x00"
-    escaped = render_prompt(q, d).replace("{", "{{").replace("}", "}}")
-    return escaped.replace(q, "{query}").replace(d, "{document}")
+    head, middle, tail = prompt_pieces()
+    escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
+    return escape(head) + " {query}" + escape(middle) + " {document}" + escape(tail)
 
 
 def prompt_spec(tokenizer, label_ids: list[int]) -> dict:

@@ -152,9 +152,6 @@ def publish(tmp_dir: str, output_dir: str) -> None:
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    if not os.path.isdir(parent):
-        raise ESCIDataError(f"--output_dir {output_dir}: parent folder {parent} does not exist")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ESCIDataError(f"--output_dir {output_dir}: exists and is not a folder")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
@@ -184,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. Save into a temp folder next to the target, then rename --------------------
     parent = os.path.dirname(os.path.abspath(args.output_dir))
+    os.makedirs(parent, exist_ok=True)
     tmp_dir = os.path.join(parent, f".{os.path.basename(os.path.abspath(args.output_dir))}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save_export(model, tokenizer, label_ids, args.base_model, tmp_dir, args.bf16)

@@ -22,7 +22,7 @@ ATOL = 1e-4  # fp32; observed differences are ~1e-7
 
 @pytest.fixture(scope="module")
 def exports(tiny_model_dir, adapter_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("exports")
+    root = tmp_path_factory.mktemp("exports") / "export"  # not there yet: export.py creates it, like mkdir -p
     out = {}
     for fmt in export_cli.FORMATS:
         out[fmt] = str(root / fmt)
@@ -208,8 +208,6 @@ def test_bad_arguments_exit_2_without_traceback(tiny_model_dir, adapter_dir, tmp
         (["--base_model", tiny_model_dir, "--lora_model", str(tmp_path)], "adapter_config.json"),
         (["--base_model", str(tmp_path / "nobase"), "--lora_model", adapter_dir], "--base_model"),
         (["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--output_dir", str(full)], "--overwrite"),
-        (["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--output_dir", str(tmp_path / "a" / "b")],
-         "does not exist"),
     ]
     for argv, must in cases:
         if "--output_dir" not in argv:

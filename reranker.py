@@ -81,6 +81,7 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
 
 DEFAULT_BATCH_SIZE = 64          # most pairs in one forward pass
 DEFAULT_MAX_BATCH_TOKENS = 16384  # most (padded) tokens in one forward pass: bounds memory on long items
+DEFAULT_MAX_PADDING = 0.1         # a batch's rows are within 10% of its longest: padding is < 10% of the work
 
 
 def add_inference_args(parser) -> None:
@@ -111,20 +112,28 @@ def reranker_from_args(args) -> "Reranker":
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE,
-                          max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> list[np.ndarray]:
+                          max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+                          max_padding: float = DEFAULT_MAX_PADDING) -> list[np.ndarray]:
     """Indices in batches of similar length, longest first (so an OOM shows up at once).
 
-    A batch holds at most ``batch_size`` rows and, padded to its longest row, at
-    most ``max_batch_tokens`` tokens (a single longer row still gets a batch), so
-    short pairs travel in big batches and long ones in small batches.
+    A batch holds at most ``batch_size`` rows, at most ``max_batch_tokens`` tokens once
+    padded to its longest row (a single longer row still gets a batch), and only rows
+    at least ``(1 - max_padding)`` as long as its longest, so padding stays under
+    ``max_padding`` of the work even on a small or unevenly spread set. On a large
+    set lengths are dense and batches fill up anyway.
     """
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
     batches, start = [], 0
     while start < len(order):
         longest = max(1, int(lengths[order[start]]))
         rows = batch_size if max_batch_tokens is None else max(1, min(batch_size, max_batch_tokens // longest))
-        batches.append(order[start:start + rows])
-        start += rows
+        stop = min(start + rows, len(order))
+        # Sorted descending, so the rows long enough to join form a prefix of order[start:stop].
+        too_short = np.flatnonzero(lengths[order[start:stop]] < longest * (1.0 - max_padding))
+        stop = start + (int(too_short[0]) if len(too_short) and too_short[0] > 0 else stop - start)
+        batches.append(order[start:stop])
+        start = stop
     return batches
 
 

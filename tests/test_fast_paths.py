@@ -87,3 +87,19 @@ def test_bench_smoke_prints_the_three_ratio_lines(tmp_path):
     numbers = json.loads((tmp_path / "b.json").read_text())
     assert numbers["eval"]["max_prob_diff"] < 1e-4  # fp32: the fast path scores like the reference
     assert numbers["eval"]["speedup"] > 0 and numbers["train"]["speedup"] > 0
+
+
+@pytest.mark.parametrize("n", [1, 48, 5000])
+def test_length_sorted_batches_cover_every_row_once_within_budget_and_padding(n):
+    import numpy as np
+
+    from reranker import length_sorted_batches
+
+    lengths = np.random.default_rng(n).integers(5, 600, n)
+    batches = length_sorted_batches(lengths, batch_size=64, max_batch_tokens=8192, max_padding=0.1)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+    for idx in batches:
+        longest = lengths[idx].max()
+        assert len(idx) <= 64 and (len(idx) == 1 or len(idx) * longest <= 8192)
+        assert lengths[idx].min() >= 0.9 * longest
+    assert lengths[batches[0]].max() == lengths.max()  # longest first: an OOM shows at once

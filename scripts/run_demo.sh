@@ -17,7 +17,7 @@ BF16=0 REPORT_TO=none \
   bash "$REPO_DIR/scripts/run_train.sh"
 
 BASE_MODEL="$DEMO_DIR/tiny-qwen3" LORA_MODEL="$DEMO_DIR/lora" EVAL_FILE="$DEMO_DIR/data/test.parquet" \
-MAX_LEN=256 BF16=0 \
+MAX_LEN=256 DTYPE=fp32 \
   bash "$REPO_DIR/scripts/run_eval.sh" "$@"
 
 echo "demo done: adapter in $DEMO_DIR/lora, metrics in $DEMO_DIR/lora/eval_metrics.json, scores in $DEMO_DIR/lora/test_scores.parquet"

@@ -23,7 +23,7 @@ import pandas as pd
 
 from esci_dataset import LABEL_TO_ID, ESCIDataError, load_esci_parquet, query_groups
 from metrics import evaluation_report, format_report
-from reranker import PROB_COLUMNS, add_inference_args, prediction_columns, reranker_from_args
+from reranker import PROB_COLUMNS, add_inference_args, positive_int, prediction_columns, reranker_from_args
 
 logger = logging.getLogger("eval")
 N_MISCLASSIFIED_SHOWN = 5
@@ -36,7 +36,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_inference_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--eval_file", type=str, required=True, help="parquet with query, item_text, esci_label (query_id optional, used for nDCG)")
-    g.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N rows (quick checks)")
+    g.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N rows (quick checks)")
 
     g = p.add_argument_group("outputs")
     g.add_argument("--save_scores_path", type=str, default=None,

@@ -155,8 +155,9 @@ def score_from_probs(probs: torch.Tensor) -> torch.Tensor:
 # Loading
 # ---------------------------------------------------------------------------
 def pick_attn_implementation(no_flash_attn: bool = False) -> str:
-    """``flash_attention_2`` when flash-attn is installed and CUDA is available, else ``sdpa``."""
-    if not no_flash_attn and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    """``flash_attention_2`` when flash-attn is installed and the GPU runs it (Ampere or newer), else ``sdpa``."""
+    if (not no_flash_attn and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+            and torch.cuda.get_device_capability()[0] >= 8):
         return "flash_attention_2"
     return "sdpa"
 
@@ -255,7 +256,7 @@ def save_reranker_config(output_dir: str, tokenizer, base_model: str) -> None:
         json.dump(reranker_config(tokenizer, base_model), f, indent=2)
 
 
-def check_reranker_config(model_dir: str, tokenizer) -> dict | None:
+def check_reranker_config(model_dir: str, tokenizer, base_model: str | None = None) -> dict | None:
     """Read ``reranker_config.json`` from ``model_dir`` and refuse prompt or label drift."""
     path = os.path.join(model_dir, LABEL_CONFIG_NAME)
     if not os.path.exists(path):
@@ -264,6 +265,10 @@ def check_reranker_config(model_dir: str, tokenizer) -> dict | None:
     with open(path) as f:
         saved = json.load(f)
     current = reranker_config(tokenizer, saved.get("base_model", ""))
+    if base_model is not None and saved.get("base_model") and os.path.basename(os.path.normpath(saved["base_model"])) \
+            != os.path.basename(os.path.normpath(base_model)):
+        logger.warning("%s was trained on %s but is being loaded on %s: scores are only meaningful on the same base",
+                       model_dir, saved["base_model"], base_model)
     for key in ("prompt_version", "labels", "label_token_ids"):
         if saved.get(key) != current[key]:
             raise ValueError(

@@ -8,6 +8,7 @@ length-sorted batches, softmax over the four label logits.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from typing import Iterable, Sequence
@@ -64,14 +65,20 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
     one training used), else from the base model. A ``reranker_config.json``
     (next to the adapter, or in a merged export) is checked for prompt drift.
     """
+    base_model = os.path.expanduser(base_model)
+    lora_model = os.path.expanduser(lora_model) if lora_model else None
     has_tokenizer = lora_model and os.path.exists(os.path.join(lora_model, "tokenizer_config.json"))
     tokenizer = load_tokenizer(lora_model if has_tokenizer else base_model)
     model = load_base_model(base_model, dtype=dtype, no_flash_attn=no_flash_attn)
     if lora_model:
         from peft import PeftModel
 
-        check_reranker_config(lora_model, tokenizer)
-        model = PeftModel.from_pretrained(model, lora_model)
+        check_reranker_config(lora_model, tokenizer, base_model)
+        try:
+            model = PeftModel.from_pretrained(model, lora_model)
+        except RuntimeError as exc:  # e.g. adapter shapes from another base model
+            raise ESCIDataError(f"--lora_model {lora_model} does not fit --base_model {base_model}: "
+                                f"{str(exc).splitlines()[0]}") from None
     elif os.path.isfile(os.path.join(base_model, LABEL_CONFIG_NAME)):
         check_reranker_config(base_model, tokenizer)  # a merged export (export.py --format merged)
     attach_label_head(model.get_base_model() if lora_model else model, label_token_ids(tokenizer))
@@ -82,6 +89,22 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
 DEFAULT_BATCH_SIZE = 64          # most pairs in one forward pass
 DEFAULT_MAX_BATCH_TOKENS = 16384  # most (padded) tokens in one forward pass: bounds memory on long items
 DEFAULT_MAX_PADDING = 0.1         # a batch's rows are within 10% of its longest: padding is < 10% of the work
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_inference_args(parser) -> None:
@@ -96,11 +119,11 @@ def add_inference_args(parser) -> None:
     g.add_argument("--bf16", action="store_true", help="shorthand for --dtype bf16")
     g.add_argument("--no_flash_attn", action="store_true", help="force PyTorch sdpa attention even when flash-attn is installed")
     g = parser.add_argument_group("batching")
-    g.add_argument("--max_length", type=int, default=512,
+    g.add_argument("--max_length", type=positive_int, default=512,
                    help="max prompt tokens; only the item text (then the query) is truncated, as in training")
-    g.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+    g.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="most pairs per forward pass (batches are length-sorted)")
-    g.add_argument("--max_batch_tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+    g.add_argument("--max_batch_tokens", type=non_negative_int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="most padded tokens per forward pass; long items go in smaller batches (0 = no limit)")
 
 
@@ -122,6 +145,8 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int = DEFAULT_BATC
     ``max_padding`` of the work even on a small or unevenly spread set. On a large
     set lengths are dense and batches fill up anyway.
     """
+    if batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
+        raise ValueError(f"batch_size ({batch_size}) and max_batch_tokens ({max_batch_tokens}) must be positive")
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
     batches, start = [], 0

@@ -122,6 +122,8 @@ def make_trainer(**kwargs):
 
         def _save(self, output_dir=None, state_dict=None):
             super()._save(output_dir, state_dict)
+            if not self.args.should_save:  # only one process writes
+                return
             # Every checkpoint carries the label/prompt contract, so any of them can be evaluated.
             output_dir = output_dir or self.args.output_dir
             self._tok.save_pretrained(output_dir)
@@ -131,7 +133,12 @@ def make_trainer(**kwargs):
 
 
 def resolve_checkpoint(spec: str | None, output_dir: str) -> str | None:
+    """``None`` (start fresh), a checkpoint folder, or ``latest`` (the newest in ``output_dir``)."""
+    if spec is None:
+        return None
     if spec != "latest":
+        if not os.path.isfile(os.path.join(spec, "trainer_state.json")):
+            raise ESCIDataError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (no trainer_state.json)")
         return spec
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -149,14 +156,21 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--lora_target_modules: {exc}")
     if not 0.0 <= args.eval_ratio < 1.0:
         parser.error(f"--eval_ratio must be in [0, 1), got {args.eval_ratio}")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    for flag in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "lora_r", "logging_steps", "save_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
 
-def pick_collator(attn_implementation: str, pad_token_id: int):
+def pick_collator(attn_implementation: str, pad_token_id: int, n_gpu: int = 1):
     """Padding-free packed batches when flash-attention (varlen) runs them; left-padded batches otherwise.
 
     Both give the same loss and gradients (tested); packing just skips the pad tokens.
+    A packed batch is one row, which DataParallel (one process, several GPUs) cannot split.
     """
-    if attn_implementation == "flash_attention_2":
+    if attn_implementation == "flash_attention_2" and n_gpu <= 1:
         return collate_packed
     return functools.partial(collate_left_padded, pad_token_id=pad_token_id)
 
@@ -177,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_flags(parser, args)
     from transformers import TrainingArguments, set_seed
+    from transformers.trainer_utils import IntervalStrategy
 
     targs = TrainingArguments(
         output_dir=args.output_dir,
@@ -217,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         df = load_esci_parquet(args.train_file)
         train_df, eval_df = split_by_query(df, args.eval_ratio, args.seed)
         logger.info("train rows %d, eval rows %d (split by query, seed %d)", len(train_df), len(eval_df), args.seed)
+        if args.eval_ratio > 0 and len(eval_df) == 0:
+            logger.warning("only one query in %s: no held-out split, periodic evaluation is off", args.train_file)
+            targs.eval_strategy = IntervalStrategy.NO
         resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
 
         # 3. Tokenizer and datasets (tokenize once per node) -----------------
@@ -233,36 +251,38 @@ def main(argv: list[str] | None = None) -> int:
 
         # 4. Model: base -> label head -> LoRA --------------------------------
         model = load_base_model(args.base_model, torch.bfloat16 if args.bf16 else torch.float32, args.no_flash_attn)
+        model.config.use_cache = False
+        if targs.n_gpu > 1:
+            logger.warning("one process drives %d GPUs (DataParallel); torchrun is much faster: "
+                           "NPROC=%d bash scripts/run_train.sh", targs.n_gpu, targs.n_gpu)
+        collator = pick_collator(model.config._attn_implementation, tokenizer.pad_token_id, targs.n_gpu)
+        attach_label_head(model, label_ids)
+        if args.gradient_checkpointing:
+            # Non-reentrant checkpointing lets gradients reach LoRA weights even though the
+            # frozen embedding output does not require grad.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        if is_main:
+            model.print_trainable_parameters()
+
+        # 5. Trainer -------------------------------------------------------------
+        trainer = make_trainer(
+            model=model,
+            args=targs,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=collator,
+            compute_metrics=compute_metrics,
+            tokenizer=tokenizer,
+            base_model_name=args.base_model,
+        )
     except ESCIDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"error: cannot load --base_model {args.base_model!r}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # unloadable model, unusable tokenizer, bad LoRA target, ...
+        print(f"error: cannot set up training with --base_model {args.base_model!r}: {exc}", file=sys.stderr)
         return 2
-
-    model.config.use_cache = False
-    collator = pick_collator(model.config._attn_implementation, tokenizer.pad_token_id)
-    attach_label_head(model, label_ids)
-    if args.gradient_checkpointing:
-        # Non-reentrant checkpointing lets gradients reach LoRA weights even though the
-        # frozen embedding output does not require grad.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
-    if is_main:
-        model.print_trainable_parameters()
-
-    # 5. Trainer -----------------------------------------------------------------
-    trainer = make_trainer(
-        model=model,
-        args=targs,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        compute_metrics=compute_metrics,
-        tokenizer=tokenizer,
-        base_model_name=args.base_model,
-    )
 
     # 6. Train -------------------------------------------------------------------
     result = trainer.train(resume_from_checkpoint=resume)

@@ -57,7 +57,7 @@ switches=()
 [ "$GRAD_CKPT" = "1" ] && switches+=(--gradient_checkpointing)
 
 if [ "$NPROC" -gt 1 ]; then
-  launcher=(torchrun --nproc_per_node "$NPROC")
+  launcher=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC")   # torchrun, from the same Python
 else
   launcher=("$PYTHON")
 fi

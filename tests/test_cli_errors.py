@@ -94,3 +94,24 @@ def test_train_help_lists_the_design_flags():
                  "--lora_target_modules", "--seed", "--max_steps", "--resume_from_checkpoint",
                  "--gradient_checkpointing", "--per_device_eval_batch_size"):
         assert flag in flags
+
+
+def test_train_setup_errors_exit_2_without_traceback(tmp_path, tiny_model_dir, capsys):
+    pd.DataFrame(GOOD).to_parquet(tmp_path / "ok.parquet")
+    base = ["--base_model", tiny_model_dir, "--train_file", str(tmp_path / "ok.parquet"), "--output_dir", str(tmp_path / "o")]
+    cases = [
+        (["--resume_from_checkpoint", str(tmp_path / "checkpoint-15OO")], "not a checkpoint folder"),
+        (["--max_length", "64"], "max_length=64 is too small"),
+        (["--lora_target_modules", "no_such_module"], "no_such_module"),
+    ]
+    for extra, must in cases:
+        assert train_cli.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert "error: " in err and must in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--max_samples", "0"), ("--max_length", "-1")])
+def test_eval_rejects_non_positive_sizes(flag, value, tiny_model_dir, capsys):
+    with pytest.raises(SystemExit) as info:
+        eval_cli.main(["--base_model", tiny_model_dir, "--eval_file", "x.parquet", flag, value])
+    assert info.value.code == 2 and "must be at least 1" in capsys.readouterr().err

@@ -22,6 +22,7 @@ batches: ``max_memory_allocated`` on CUDA, sampled process RSS on CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -33,9 +34,10 @@ import torch
 
 from demo import build_tiny_model, qwen3_tokenizer_dir
 from esci_dataset import LABELS, PromptEncoder, collate_left_padded, collate_packed, label_token_ids
-from modeling import (apply_lora, attach_label_head, detach_label_head, label_logits, load_tokenizer,
+from modeling import (apply_lora, attach_label_head, detach_label_head, encode_prefix, label_logits, load_tokenizer,
                       pick_attn_implementation, resolve_dtype)
 from reranker import Reranker
+from train import batching_plan
 
 # Qwen3-tokenizer token counts of query + item_text on real ESCI US rows (title, brand, color, bullets).
 ESCI_TOKEN_QUANTILES = [(0.0, 8), (0.05, 19), (0.25, 91), (0.50, 170), (0.75, 268), (0.95, 414), (0.99, 560), (1.0, 700)]
@@ -182,15 +184,18 @@ def naive_batches(token_ids, labels, label_ids, batch_size, pad_id, seed):
         yield {"input_ids": ids, "attention_mask": mask, "labels": lm_labels}
 
 
-def our_batches(token_ids, labels, batch_size, pad_id, seed, packed: bool):
+def our_batches(token_ids, labels, batch_size, seed, collator):
     """Length-grouped like Trainer's group_by_length: shuffle, sort within mega-batches of 50 batches."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     generator = torch.Generator().manual_seed(seed)
     order = list(LengthGroupedSampler(batch_size, lengths=[len(t) for t in token_ids], generator=generator))
     for start in range(0, len(order), batch_size):
-        feats = [{"input_ids": token_ids[i], "labels": labels[i]} for i in order[start:start + batch_size]]
-        yield collate_packed(feats) if packed else collate_left_padded(feats, pad_id)
+        yield collator([{"input_ids": token_ids[i], "labels": labels[i]} for i in order[start:start + batch_size]])
+
+
+def causal_lm_attn(model) -> str:
+    return model.get_base_model().config._attn_implementation
 
 
 def run_epoch(model, batches, step_fn, optimizer, device) -> float:
@@ -209,8 +214,10 @@ def naive_step(model, batch):
     return model(**batch).loss
 
 
-def our_step(model, batch):
-    return torch.nn.functional.cross_entropy(label_logits(model, batch).float(), batch["labels"])
+def our_step(model, batch, prefix_ids=()):
+    """train.py's loss: the shared prefix once per batch (when the plan uses it), CE over the 4-row head."""
+    prefix_kv = encode_prefix(model, prefix_ids) if prefix_ids else None
+    return torch.nn.functional.cross_entropy(label_logits(model, batch, prefix_kv=prefix_kv).float(), batch["labels"])
 
 
 # ---------------------------------------------------------------------------
@@ -272,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="q_proj,v_proj")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        packed = pick_attn_implementation() == "flash_attention_2" and dtype != torch.float32
+        collator, prefix_ids = batching_plan(causal_lm_attn(model), tokenizer.pad_token_id, encoder.head_ids)
         causal_lm = model.get_base_model()
         naive_t, our_t, naive_m, our_m = [], [], [], []
         for rep in range(args.repeats):
@@ -284,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             naive_m.append(mem.peak)
             attach_label_head(causal_lm, label_ids)
             with PeakMemory(device) as mem:
-                our_t.append(run_epoch(model, our_batches(token_ids, labels, args.train_batch_size,
-                                                          tokenizer.pad_token_id, args.seed + rep, packed),
-                                       our_step, optimizer, device))
+                our_t.append(run_epoch(model, our_batches(token_ids, labels, args.train_batch_size, args.seed + rep,
+                                                          collator),
+                                       functools.partial(our_step, prefix_ids=prefix_ids), optimizer, device))
             our_m.append(mem.peak)
         (n_med, n_spr), (o_med, o_spr) = _median_spread(naive_t), _median_spread(our_t)
         ratios = [n / o for n, o in zip(naive_t, our_t)]
@@ -294,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         results["train"] = {"naive_s": naive_t, "ours_s": our_t, "naive_peak_bytes": naive_m, "ours_peak_bytes": our_m,
                             "naive_tokens_per_s": lengths.sum() / n_med, "ours_tokens_per_s": lengths.sum() / o_med,
                             "speedup": n_med / o_med, "speedup_min": min(ratios), "speedup_max": max(ratios),
-                            "peak_memory_ratio": mem_ratio, "packed": packed}
+                            "peak_memory_ratio": mem_ratio, "packed": collator is collate_packed,
+                            "shared_prefix_tokens": len(prefix_ids)}
         t = results["train"]
         print(f"\n{'train':<10}{'tokens/s':>12}{'pairs/s':>10}{'median s':>10}{'spread s':>10}{'peak MiB':>10}")
         for name, med, spr, mem in (("naive", n_med, n_spr, naive_m), ("ours", o_med, o_spr, our_m)):

@@ -167,19 +167,21 @@ class PromptEncoder:
         return self.encode_batch([query], [doc])[0]
 
 
-def collate_left_padded(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_left_padded(features: list[dict], pad_token_id: int, skip_prefix: int = 0) -> dict[str, torch.Tensor]:
     """Left-pad a list of ``{"input_ids", ["labels"]}`` into a batch.
 
     Left padding puts every prompt's last token at position -1, where the head
     reads. ``position_ids`` count real tokens only, so a pair's result does not
-    depend on how much padding its batch needed.
+    depend on how much padding its batch needed. ``skip_prefix`` drops that many
+    leading tokens (a shared prefix whose keys/values are supplied separately).
     """
-    longest = max(len(f["input_ids"]) for f in features)
+    rows = [f["input_ids"][skip_prefix:] for f in features]
+    longest = max(len(r) for r in rows)
     ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(features), longest), dtype=torch.long)
-    for row, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[row, longest - n:] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+    for row, r in enumerate(rows):
+        n = len(r)
+        ids[row, longest - n:] = torch.as_tensor(r, dtype=torch.long)
         mask[row, longest - n:] = 1
     batch = {
         "input_ids": ids,

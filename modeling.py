@@ -128,9 +128,14 @@ class PrefixKV:
         return torch.ones((n_rows, self.length), dtype=torch.long, device=device)
 
 
-@torch.inference_mode()
 def encode_prefix(model: nn.Module, prefix_ids: Sequence[int]) -> PrefixKV:
-    """Run the shared prefix once and keep its per-layer keys/values (inference only)."""
+    """Run the shared prefix once (batch size 1) and keep its per-layer keys/values.
+
+    Under ``torch.inference_mode`` for scoring. In training it runs with autograd:
+    the rows of a batch then all attend to the same prefix keys/values, and their
+    gradients flow back through them once (``expand`` sums them), which equals
+    running the prefix in every row (tested), at a fraction of the tokens.
+    """
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=True)

@@ -24,6 +24,7 @@ from esci_dataset import (
     LABELS,
     ESCIDataError,
     ESCIMultiClassRerankDataset,
+    PromptEncoder,
     collate_left_padded,
     collate_packed,
     label_token_ids,
@@ -35,6 +36,7 @@ from modeling import (
     DEFAULT_LORA_TARGETS,
     apply_lora,
     attach_label_head,
+    encode_prefix,
     label_logits,
     load_base_model,
     load_tokenizer,
@@ -109,14 +111,17 @@ def make_trainer(**kwargs):
     class LabelHeadTrainer(Trainer):
         """Trainer whose loss is CE over the label head; everything else is stock."""
 
-        def __init__(self, *a, tokenizer=None, base_model_name="", **kw):
+        def __init__(self, *a, tokenizer=None, base_model_name="", prefix_ids=(), **kw):
             super().__init__(*a, **kw)
             self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean...
             self.loss_is_scaled_for_ga = False      # ...so the Trainer divides it by the accumulation steps
-            self._tok, self._base_model_name = tokenizer, base_model_name
+            self._tok, self._base_model_name, self._prefix_ids = tokenizer, base_model_name, list(prefix_ids)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            logits = label_logits(model, inputs)
+            prefix_kv = None
+            if self._prefix_ids:  # the batch holds only what follows the shared prefix
+                prefix_kv = encode_prefix(self.accelerator.unwrap_model(model), self._prefix_ids)
+            logits = label_logits(model, inputs, prefix_kv=prefix_kv)
             loss = label_head_loss(logits, inputs["labels"])
             return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -164,15 +169,21 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
 
-def pick_collator(attn_implementation: str, pad_token_id: int, n_gpu: int = 1):
-    """Padding-free packed batches when flash-attention (varlen) runs them; left-padded batches otherwise.
+def batching_plan(attn_implementation: str, pad_token_id: int, prefix_ids: list[int], n_gpu: int = 1,
+                  gradient_checkpointing: bool = False):
+    """``(collator, shared_prefix_ids)`` for training batches; every choice gives the same loss and gradients (tested).
 
-    Both give the same loss and gradients (tested); packing just skips the pad tokens.
-    A packed batch is one row, which DataParallel (one process, several GPUs) cannot split.
+    * flash-attention (varlen): padding-free packed batches. A packed batch is one
+      row, which DataParallel (one process, several GPUs) cannot split.
+    * otherwise: left-padded batches without the shared system+instruction prefix,
+      which runs once per batch instead of once per row. Not with gradient
+      checkpointing, whose recomputation would append to the prefix cache twice.
     """
     if attn_implementation == "flash_attention_2" and n_gpu <= 1:
-        return collate_packed
-    return functools.partial(collate_left_padded, pad_token_id=pad_token_id)
+        return collate_packed, []
+    if gradient_checkpointing:
+        return functools.partial(collate_left_padded, pad_token_id=pad_token_id), []
+    return functools.partial(collate_left_padded, pad_token_id=pad_token_id, skip_prefix=len(prefix_ids)), prefix_ids
 
 
 def launched_distributed() -> bool:
@@ -255,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         if targs.n_gpu > 1:
             logger.warning("one process drives %d GPUs (DataParallel); torchrun is much faster: "
                            "NPROC=%d bash scripts/run_train.sh", targs.n_gpu, targs.n_gpu)
-        collator = pick_collator(model.config._attn_implementation, tokenizer.pad_token_id, targs.n_gpu)
+        collator, prefix_ids = batching_plan(model.config._attn_implementation, tokenizer.pad_token_id,
+                                             PromptEncoder(tokenizer, args.max_length).head_ids, targs.n_gpu,
+                                             args.gradient_checkpointing)
         attach_label_head(model, label_ids)
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing lets gradients reach LoRA weights even though the
@@ -276,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             compute_metrics=compute_metrics,
             tokenizer=tokenizer,
             base_model_name=args.base_model,
+            prefix_ids=prefix_ids,
         )
     except ESCIDataError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -64,6 +64,39 @@ def test_packed_batch_matches_padded_loss_and_lora_gradients(lora_model, qwen3_t
         torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-5, rtol=1e-4)
 
 
+def test_shared_prefix_training_matches_full_prompts_loss_and_lora_gradients(lora_model, qwen3_tokenizer):
+    enc, feats = _features(qwen3_tokenizer)
+    pad = qwen3_tokenizer.pad_token_id
+    results = []
+    lora_model.train()
+    for prefix in ([], enc.head_ids):
+        lora_model.zero_grad()
+        batch = collate_left_padded(feats, pad, skip_prefix=len(prefix))
+        prefix_kv = encode_prefix(lora_model, prefix) if prefix else None
+        loss = torch.nn.functional.cross_entropy(label_logits(lora_model, batch, prefix_kv=prefix_kv), batch["labels"])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad}))
+    lora_model.zero_grad()
+    lora_model.eval()
+    (full_loss, full_grads), (shared_loss, shared_grads) = results
+    assert all(g.abs().sum() > 0 for g in full_grads.values())
+    torch.testing.assert_close(shared_loss, full_loss, atol=1e-5, rtol=1e-5)
+    for name in full_grads:
+        torch.testing.assert_close(shared_grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_batching_plan_choices(qwen3_tokenizer):
+    from train import batching_plan
+
+    prefix = PromptEncoder(qwen3_tokenizer, 512).head_ids
+    collator, ids = batching_plan("flash_attention_2", 0, prefix)
+    assert collator is collate_packed and ids == []
+    collator, ids = batching_plan("flash_attention_2", 0, prefix, n_gpu=2)  # DataParallel cannot split one row
+    assert ids == prefix and collator([{"input_ids": prefix + [5, 6]}])["input_ids"].tolist() == [[5, 6]]
+    collator, ids = batching_plan("sdpa", 0, prefix, gradient_checkpointing=True)
+    assert ids == [] and collator([{"input_ids": prefix + [5]}])["input_ids"].shape[1] == len(prefix) + 1
+
+
 def test_packed_collator_layout():
     batch = collate_packed([{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8, 9], "labels": 3}])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]

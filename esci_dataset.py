@@ -24,7 +24,8 @@ Prompt (Qwen3-Reranker style; the model's answer is the next token)::
 from __future__ import annotations
 
 import os
-from typing import Sequence
+import uuid
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -300,6 +301,24 @@ def read_table(path: str) -> pd.DataFrame:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises many types for unreadable files
         raise ESCIDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
+
+
+def atomic_write(path: str, write: "Callable[[str], None]") -> None:
+    """``write(tmp)`` into a hidden temp file next to ``path``, then ``os.replace`` it onto ``path``.
+
+    A crash leaves at most a stray ``.<name>.*.tmp`` file, never a truncated ``path``.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], path: str) -> None:

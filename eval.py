@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from esci_dataset import LABEL_TO_ID, ESCIDataError, load_esci_parquet, query_groups
+from esci_dataset import LABEL_TO_ID, ESCIDataError, atomic_write, load_esci_parquet, query_groups
 from metrics import evaluation_report, format_report
 from reranker import PROB_COLUMNS, add_inference_args, positive_int, prediction_columns, reranker_from_args
 
@@ -60,12 +60,10 @@ def scores_frame(df: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
 def write_scores(frame: pd.DataFrame, path: str) -> None:
     """Write atomically, so an interrupted run never leaves a complete-looking file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
     if path.endswith(".csv"):
-        frame.to_csv(tmp, index=False)
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
     else:
-        frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def misclassified_examples(frame: pd.DataFrame, n: int = N_MISCLASSIFIED_SHOWN) -> list[dict]:

@@ -24,13 +24,12 @@ import logging
 import math
 import os
 import sys
-import uuid
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from esci_dataset import ESCIDataError, read_table, require_columns, validate_text_column
+from esci_dataset import ESCIDataError, atomic_write, read_table, require_columns, validate_text_column
 from reranker import (
     PROB_COLUMNS,
     add_inference_args,
@@ -203,24 +202,6 @@ def _clean(value):
 def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
     for rec in records:
         yield json.dumps({k: _clean(v) for k, v in rec.items()}, ensure_ascii=False, default=_json_default) + "\n"
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a hidden temp file next to ``path``, then ``os.replace`` it onto ``path``.
-
-    A crash leaves at most a stray ``.<name>.*.tmp`` file, never a truncated ``path``.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_output(path: str, df: pd.DataFrame | None, records: list[dict] | None) -> None:

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from esci_dataset import LABELS, ESCIDataError, PromptEncoder, require_columns
+from esci_dataset import LABELS, ESCIDataError, PromptEncoder, atomic_write, require_columns
 
 logger = logging.getLogger("prepare_esci")
 
@@ -250,19 +250,16 @@ def prompt_token_stats(encoder: PromptEncoder, queries: list[str], docs: list[st
 
 
 def write_parquet(df: pd.DataFrame, item_text: pa.Array, path: str, schema: pa.Schema, chunk_rows: int = 200_000) -> None:
-    """Write ``df`` plus item_text ``[product_row]`` in chunks to a temp file, then os.replace it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    """Write ``df`` plus item_text ``[product_row]`` in chunks, atomically (a temp file, then os.replace)."""
+    def write(tmp: str) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
             for start in range(0, len(df), chunk_rows):
                 part = df.iloc[start:start + chunk_rows]
                 table = pa.Table.from_pandas(part[[n for n in schema.names if n != "item_text"]], preserve_index=False)
                 table = table.append_column("item_text", item_text.take(part["product_row"].to_numpy()))
                 writer.write_table(table.select(schema.names).cast(schema))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)
 
 
 def prepare(args: argparse.Namespace) -> dict:

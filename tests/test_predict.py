@@ -12,6 +12,7 @@ import pytest
 
 import demo
 import predict as predict_cli
+from esci_dataset import atomic_write
 from reranker import OUTPUT_COLUMNS, PROB_COLUMNS, Reranker
 from tests.conftest import ROOT
 
@@ -192,9 +193,9 @@ def test_a_crash_while_writing_leaves_no_partial_output(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        predict_cli.atomic_write(str(target), crash)
+        atomic_write(str(target), crash)
     assert target.read_text() == "old complete file\n"  # untouched
     assert os.listdir(tmp_path) == ["scores.jsonl"]  # and no temp file left behind
 
-    predict_cli.atomic_write(str(tmp_path / "new.jsonl"), lambda tmp: open(tmp, "w").close())
+    atomic_write(str(tmp_path / "new.jsonl"), lambda tmp: open(tmp, "w").close())
     assert sorted(os.listdir(tmp_path)) == ["new.jsonl", "scores.jsonl"]

@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -237,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype)
     workdir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tiny-reranker-bench-{os.getpid()}")
-    model, tokenizer = load_bench_model(args.model, dtype, workdir)
+    try:
+        model, tokenizer = load_bench_model(args.model, dtype, workdir)
+    except (OSError, ValueError) as exc:
+        print(f"error: --model {args.model!r} is neither 'tiny', 'qwen3-0.6b' nor a loadable model folder: {exc}",
+              file=sys.stderr)
+        return 2
     model.to(device).eval()
     n_queries = args.n_queries or (8 if args.model == "tiny" else 4)
     queries, items = synthetic_pairs(tokenizer, n_queries, args.items_per_query, args.seed)

@@ -115,3 +115,11 @@ def test_eval_rejects_non_positive_sizes(flag, value, tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as info:
         eval_cli.main(["--base_model", tiny_model_dir, "--eval_file", "x.parquet", flag, value])
     assert info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_unknown_model_is_a_clear_error(tmp_path, capsys):
+    import bench
+
+    assert bench.main(["--model", str(tmp_path / "no_model_here")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model") and "Traceback" not in err

@@ -1,48 +1,57 @@
 """Evaluation metrics: pure functions of numpy arrays, plus the readable report.
 
-Labels are ints 0..3 in ``LABELS`` order everywhere in this module.
+Labels are ints 0..3 in ``LABELS`` order everywhere in this module. ``probs`` are ``[N, 4]`` rows
+that sum to 1; ``scores`` are the ranking scores ``[N]``; ``query_ids`` / ``groups`` are ``[N]``.
+Counting metrics come from scikit-learn so their edge cases (ties, empty classes) match what
+everyone else reports; calibration is a few lines of numpy.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn import metrics as skm
 
-from esci_dataset import LABELS
+from esci_dataset import LABEL_GAIN, LABEL_TEXT, LABELS
 
 # ESCI ranking gains for nDCG (Amazon's Shopping Queries paper): exact 1.0, substitute 0.1, complement 0.01.
 NDCG_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
+ECE_BINS = 15  # Guo et al. 2017's choice; the most common in papers, so our ECE is comparable
+_S = LABELS.index("S")
+_EPS = 1e-12  # clip before log: fp16/bf16 softmax can underflow to exactly 0
 
 
+# ---------------------------------------------------------------------------
+# Classification
+# ---------------------------------------------------------------------------
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = len(LABELS)) -> np.ndarray:
-    """``cm[t, p]`` counts rows with true class t predicted as p."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
-    return cm
+    """``cm[t, p]`` counts rows with true class t predicted as p (all classes, even absent ones)."""
+    return skm.confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
 
 
-def per_class_report(cm: np.ndarray) -> dict[str, dict[str, float]]:
-    """Precision, recall, F1 and support per class (0 where undefined, as sklearn's zero_division=0)."""
-    tp = np.diag(cm).astype(float)
-    predicted, actual = cm.sum(axis=0).astype(float), cm.sum(axis=1).astype(float)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+def per_class_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support per class; 0 where undefined (zero_division=0)."""
+    p, r, f, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(LABELS))), zero_division=0
+    )
     return {
-        label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(actual[i])}
+        label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
         for i, label in enumerate(LABELS)
     }
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Accuracy, micro-F1 and macro-F1 (macro over classes present in y_true or y_pred)."""
-    cm = confusion_matrix(y_true, y_pred)
-    report = per_class_report(cm)
-    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
-    f1s = np.array([report[label]["f1"] for label in LABELS])
-    accuracy = float(np.trace(cm) / cm.sum()) if cm.sum() else 0.0
-    # Single-label multiclass: micro precision = micro recall = accuracy.
-    return {"accuracy": accuracy, "micro_f1": accuracy, "macro_f1": float(f1s[present].mean()) if present.any() else 0.0}
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) == 0:  # sklearn raises on empty input; an empty eval split is not an error here
+        return {"accuracy": 0.0, "micro_f1": 0.0, "macro_f1": 0.0}
+    return {
+        "accuracy": float((y_true == y_pred).mean()),
+        # Single-label multiclass: micro-F1 equals accuracy; computed anyway so the name means what it says.
+        "micro_f1": float(skm.f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        # No `labels=`: a class absent from both truth and prediction would add a meaningless 0.
+        "macro_f1": float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
 
 
 def majority_baseline(y_true: np.ndarray) -> dict[str, float | str]:
@@ -54,70 +63,207 @@ def majority_baseline(y_true: np.ndarray) -> dict[str, float | str]:
 
 
 def roc_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
-    """Area under the ROC curve (Mann-Whitney U, ties count half). None when one class is absent."""
-    positive, score = np.asarray(positive, dtype=bool), np.asarray(score, dtype=float)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (ties count half). None when one class is absent."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
         return None
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), dtype=float)
-    sorted_scores = score[order]
-    # Average ranks over ties.
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(skm.roc_auc_score(positive, np.asarray(score, dtype=float)))
 
 
-def dcg(gains_in_rank_order: np.ndarray, k: int | None = None) -> float:
-    g = np.asarray(gains_in_rank_order, dtype=float)[:k]
-    return float((g / np.log2(np.arange(2, len(g) + 2))).sum())
-
-
+# ---------------------------------------------------------------------------
+# Ranking
+# ---------------------------------------------------------------------------
 def ndcg(gains: np.ndarray, scores: np.ndarray, k: int | None = None) -> float | None:
-    """nDCG of ranking items by descending score (stable on ties); None when no item has gain."""
+    """nDCG of ranking items by descending score; None when no item has gain.
+
+    Tied scores share the average of their gains (sklearn's ``ignore_ties=False``), so the
+    value never depends on the order the rows arrived in.
+    """
     gains, scores = np.asarray(gains, dtype=float), np.asarray(scores, dtype=float)
-    ideal = dcg(np.sort(gains)[::-1], k)
-    if ideal == 0.0:
+    if not (gains > 0).any():
         return None
-    return dcg(gains[np.argsort(-scores, kind="mergesort")], k) / ideal
+    if len(gains) == 1:  # sklearn refuses one document; any order of one relevant item is ideal
+        return 1.0
+    return float(skm.ndcg_score(gains[None, :], scores[None, :], k=k, ignore_ties=False))
+
+
+def per_query_ndcg(query_ids: np.ndarray, y_true: np.ndarray, scores: np.ndarray,
+                   k: int | None = None) -> list[dict]:
+    """``[{query_id, ndcg, n_items}]`` with ESCI gains, for queries that have a relevant item.
+
+    Queries with no E/S/C item are skipped (their nDCG is undefined); a one-item query with a
+    relevant item scores 1.0. Ordered by query id as a string.
+    """
+    gain_of = np.array([NDCG_GAINS[label] for label in LABELS])
+    gains, scores = gain_of[np.asarray(y_true)], np.asarray(scores, dtype=float)
+    ids = np.asarray(query_ids)
+    # Group on the string form so int and str ids (query_id vs query text) work alike.
+    _, first, inverse = np.unique(ids.astype(str), return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")  # rows of each query together, in one sort
+    groups = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+    rows = []
+    for qid, idx in zip(ids[first].tolist(), groups):  # tolist(): plain Python ids, JSON-ready
+        value = ndcg(gains[idx], scores[idx], k)
+        if value is not None:
+            rows.append({"query_id": qid, "ndcg": value, "n_items": int(len(idx))})
+    return rows
 
 
 def mean_ndcg(groups: np.ndarray, y_true: np.ndarray, scores: np.ndarray, k: int | None = None) -> tuple[float | None, int]:
     """nDCG per query averaged over queries that have a relevant item. Returns (mean, n_queries used)."""
-    gain_of = np.array([NDCG_GAINS[label] for label in LABELS])
-    gains = gain_of[np.asarray(y_true)]
-    values = []
-    _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    order = np.argsort(inverse, kind="mergesort")
-    boundaries = np.flatnonzero(np.diff(inverse[order])) + 1
-    for idx in np.split(order, boundaries):
-        value = ndcg(gains[idx], scores[idx], k)
-        if value is not None:
-            values.append(value)
-    return (float(np.mean(values)) if values else None), len(values)
+    return _mean_of(per_query_ndcg(groups, y_true, scores, k))
 
 
-def evaluation_report(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray, groups: np.ndarray | None) -> dict:
-    """Everything ``eval.py`` reports, as a JSON-ready dict. ``probs: [N, 4]``."""
-    y_true = np.asarray(y_true)
+def _mean_of(rows: list[dict]) -> tuple[float | None, int]:
+    return (float(np.mean([row["ndcg"] for row in rows])) if rows else None), len(rows)
+
+
+def _lowest(rows: list[dict], k: int) -> list[dict]:
+    return sorted(rows, key=lambda row: row["ndcg"])[:k]  # stable: equal nDCG keeps query-id order
+
+
+def worst_queries(query_ids: np.ndarray, y_true: np.ndarray, scores: np.ndarray, k: int = 5) -> list[dict]:
+    """The ``k`` queries with the lowest nDCG, lowest first: ``[{query_id, ndcg, n_items}]``."""
+    return _lowest(per_query_ndcg(query_ids, y_true, scores), k)
+
+
+# ---------------------------------------------------------------------------
+# The three ESCI benchmark tasks (KDD Cup 2022, Shopping Queries dataset)
+# ---------------------------------------------------------------------------
+def task1_ranking_ndcg(query_ids: np.ndarray, y_true: np.ndarray, scores: np.ndarray) -> float | None:
+    """Task 1, query-product ranking: mean per-query nDCG, gains E 1 / S 0.1 / C 0.01 / I 0."""
+    return mean_ndcg(query_ids, y_true, scores)[0]
+
+
+def task2_esci_f1(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Task 2, 4-class E/S/C/I classification: ``{micro_f1, macro_f1}`` (the cup ranked by micro)."""
+    m = classification_metrics(y_true, y_pred)
+    return {"micro_f1": m["micro_f1"], "macro_f1": m["macro_f1"]}
+
+
+def task3_substitute_micro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Task 3, substitute identification: S vs not-S from the 4-class prediction, micro-F1 over both classes.
+
+    On two classes micro-F1 equals accuracy, so compare it with the always-not-S baseline.
+    """
+    is_s_true, is_s_pred = np.asarray(y_true) == _S, np.asarray(y_pred) == _S
+    return float(skm.f1_score(is_s_true, is_s_pred, average="micro", zero_division=0))
+
+
+def esci_tasks(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray, query_ids: np.ndarray | None) -> dict:
+    """All three tasks under the keys the report uses; task 1 is None without query ids."""
+    task2 = task2_esci_f1(y_true, y_pred)
+    s_share = float((np.asarray(y_true) == _S).mean()) if len(y_true) else 0.0
+    return {
+        "task1_ranking_ndcg": None if query_ids is None else task1_ranking_ndcg(query_ids, y_true, scores),
+        "task2_esci_micro_f1": task2["micro_f1"],
+        "task2_esci_macro_f1": task2["macro_f1"],
+        "task3_substitute_micro_f1": task3_substitute_micro_f1(y_true, y_pred),
+        "task3_majority_micro_f1": max(s_share, 1.0 - s_share),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row softmax of ``logits / temperature``; ``logits: [N, C]``."""
+    z = np.asarray(logits, dtype=float) / temperature
+    z = z - z.max(axis=-1, keepdims=True)  # exp never overflows
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE of the top-class probability: equal-width bins (lo, hi] over [0, 1], weighted by bin count."""
+    probs, y_true = np.asarray(probs, dtype=float), np.asarray(y_true)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    # sum over bins of (n_b / N) * |acc_b - conf_b|  ==  sum over bins of |sum(correct - conf)| / N
+    gap = np.bincount(bins, weights=correct - confidence, minlength=n_bins)
+    return float(np.abs(gap).sum() / len(y_true))
+
+
+def brier_score(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """Multiclass Brier: mean over rows of sum over classes of (p - onehot)^2. 0 is perfect, 2 the worst."""
+    probs = np.asarray(probs, dtype=float)
+    onehot = np.eye(probs.shape[1])[np.asarray(y_true)]
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def nll(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (natural log)."""
+    probs = np.asarray(probs, dtype=float)
+    p_true = probs[np.arange(len(probs)), np.asarray(y_true)]
+    return float(-np.log(np.clip(p_true, _EPS, None)).mean())
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The single T > 0 that minimises the NLL of ``softmax(logits / T)``.
+
+    Log-probabilities work as logits (softmax ignores a per-row shift): pass ``np.log(probs)``.
+    Fit on held-out rows, not the rows you then report on, or the "after" numbers flatter.
+    """
+    logits = np.asarray(logits, dtype=float)
+    # Search log T: T stays positive and the NLL is better conditioned. T in [0.01, 100] is ample.
+    result = minimize_scalar(lambda log_t: nll(softmax(logits, np.exp(log_t)), y_true),
+                             bounds=(np.log(0.01), np.log(100.0)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(result.x))
+
+
+def temperature_scaled(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log(probs) / T)``: the probabilities a temperature-scaled model would give."""
+    return softmax(np.log(np.clip(np.asarray(probs, dtype=float), _EPS, None)), temperature)
+
+
+def calibration_before_after(probs: np.ndarray, y_true: np.ndarray, temperature: float) -> dict[str, float]:
+    """ECE, Brier and NLL before and after scaling ``probs`` by ``temperature``."""
+    after = temperature_scaled(probs, temperature)
+    out = {"temperature": float(temperature)}
+    for name, fn in (("ece", expected_calibration_error), ("brier", brier_score), ("nll", nll)):
+        out[f"{name}_before"], out[f"{name}_after"] = fn(probs, y_true), fn(after, y_true)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+def evaluation_report(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray, groups: np.ndarray | None,
+                      *, temperature: float | None = None, n_worst: int = 5) -> dict:
+    """Everything ``eval.py`` reports, as a JSON-ready dict. ``probs: [N, 4]``.
+
+    ``temperature`` (fitted elsewhere, e.g. ``fit_temperature`` on a dev split) adds a
+    ``calibration`` block with ECE/Brier/NLL before and after scaling.
+    """
+    y_true, probs, scores = np.asarray(y_true), np.asarray(probs, dtype=float), np.asarray(scores, dtype=float)
     y_pred = probs.argmax(axis=1)
-    cm = confusion_matrix(y_true, y_pred)
     report = {
         "n": int(len(y_true)),
         **classification_metrics(y_true, y_pred),
         "majority_baseline": majority_baseline(y_true),
-        "per_class": per_class_report(cm),
-        "confusion_matrix": {"labels": list(LABELS), "rows_true_cols_pred": cm.tolist()},
+        "per_class": per_class_report(y_true, y_pred),
+        "confusion_matrix": {"labels": list(LABELS), "rows_true_cols_pred": confusion_matrix(y_true, y_pred).tolist()},
         "mean_score_by_true_label": {
             label: (float(scores[y_true == i].mean()) if (y_true == i).any() else None) for i, label in enumerate(LABELS)
         },
         "roc_auc_E_vs_rest": roc_auc(y_true == 0, scores),
         "roc_auc_ES_vs_CI": roc_auc(y_true <= 1, scores),
+        "esci_tasks": esci_tasks(y_true, y_pred, scores, None),  # task 1 is filled in below
+        "ece": expected_calibration_error(probs, y_true),
+        "brier": brier_score(probs, y_true),
+        "nll": nll(probs, y_true),
     }
+    if temperature is not None:
+        report["calibration"] = calibration_before_after(probs, y_true, temperature)
     if groups is not None:
-        report["ndcg"], report["ndcg_queries"] = mean_ndcg(groups, y_true, scores)
+        # One pass over the queries serves nDCG, task 1 and the worst queries (sklearn costs ~1 ms a query).
+        rows = per_query_ndcg(groups, y_true, scores)
+        report["ndcg"], report["ndcg_queries"] = _mean_of(rows)
+        report["esci_tasks"]["task1_ranking_ndcg"] = report["ndcg"]
         report["ndcg@10"], _ = mean_ndcg(groups, y_true, scores, k=10)
+        report["worst_queries"] = _lowest(rows, n_worst)
     return report
 
 
@@ -125,14 +271,33 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def format_report(report: dict) -> str:
-    """The report as readable text tables."""
+def _legend() -> list[str]:
+    """Label meanings and the score formula, built from esci_dataset so they cannot drift from the code."""
+    meanings = ", ".join(f"{label} = {LABEL_TEXT[label]}" for label in LABELS)
+    terms = " + ".join(f"{LABEL_GAIN[label]:g}·P({label})" for label in LABELS if LABEL_GAIN[label])
+    return [f"labels: {meanings}", f"score = ({terms}) / {max(LABEL_GAIN.values()):g}"]
+
+
+_NOT_GIVEN = object()
+
+
+def _model_line(report: dict, adapter) -> str:
+    """Which adapter was evaluated: the argument, else ``report['adapter']``, else eval.py's ``config``."""
+    if adapter is _NOT_GIVEN:
+        if "adapter" in report:
+            adapter = report["adapter"]
+        elif "lora_model" in report.get("config", {}):
+            adapter = report["config"]["lora_model"]
+        else:
+            return "model: adapter not recorded"
+    return f"model: adapter {adapter}" if adapter else "model: zero-shot (no adapter loaded)"
+
+
+def format_report(report: dict, adapter: str | None = _NOT_GIVEN) -> str:
+    """The report as readable text tables. ``adapter``: path, or None for zero-shot."""
     base = report["majority_baseline"]
-    lines = [
-        f"pairs evaluated: {report['n']}",
-        "",
-        f"{'metric':<14}{'model':>10}{'majority(' + base['label'] + ')':>16}",
-    ]
+    lines = [_model_line(report, adapter), *_legend(), f"pairs evaluated: {report['n']}", ""]
+    lines.append(f"{'metric':<14}{'model':>10}{'majority(' + base['label'] + ')':>16}")
     for key in ("accuracy", "micro_f1", "macro_f1"):
         lines.append(f"{key:<14}{report[key]:>10.4f}{base[key]:>16.4f}")
     lines += ["", f"{'class':<8}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
@@ -147,4 +312,24 @@ def format_report(report: dict) -> str:
     if "ndcg" in report:
         lines.append(f"nDCG (ESCI gains 1/0.1/0.01/0): {_fmt(report['ndcg'])}   nDCG@10: {_fmt(report['ndcg@10'])}"
                      f"   over {report['ndcg_queries']} queries")
+    if "esci_tasks" in report:
+        t = report["esci_tasks"]
+        lines += ["", "ESCI benchmark tasks (KDD Cup 2022)",
+                  f"  task 1 query-product ranking, nDCG:           {_fmt(t['task1_ranking_ndcg'])}",
+                  f"  task 2 E/S/C/I classification, micro-F1:      {_fmt(t['task2_esci_micro_f1'])}"
+                  f"   macro-F1: {_fmt(t['task2_esci_macro_f1'])}",
+                  f"  task 3 substitute identification, micro-F1:   {_fmt(t['task3_substitute_micro_f1'])}"
+                  f"   (always not-S: {_fmt(t['task3_majority_micro_f1'])})"]
+    if "ece" in report:
+        lines += ["", f"calibration (top-class probability, {ECE_BINS} bins): ECE {_fmt(report['ece'])}"
+                      f"   Brier {_fmt(report['brier'])}   NLL {_fmt(report['nll'])}"]
+    if "calibration" in report:
+        c = report["calibration"]
+        lines.append(f"  with temperature T={c['temperature']:.3f}: "
+                     + "   ".join(f"{name} {_fmt(c[key + '_before'])} -> {_fmt(c[key + '_after'])}"
+                                  for name, key in (("ECE", "ece"), ("Brier", "brier"), ("NLL", "nll"))))
+    if report.get("worst_queries"):
+        lines += ["", "worst queries by nDCG:"]
+        for row in report["worst_queries"]:
+            lines.append(f"  nDCG {row['ndcg']:.4f}  {row['n_items']:>4d} items  query {str(row['query_id'])[:80]!r}")
     return "\n".join(lines)

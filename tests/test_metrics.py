@@ -1,18 +1,31 @@
 """Metrics against hand-computed values."""
 
+import json
+
 import numpy as np
 import pytest
 
 from metrics import (
+    brier_score,
+    calibration_before_after,
     classification_metrics,
     confusion_matrix,
+    esci_tasks,
     evaluation_report,
+    expected_calibration_error,
+    fit_temperature,
     format_report,
     majority_baseline,
     mean_ndcg,
     ndcg,
+    nll,
     per_class_report,
     roc_auc,
+    softmax,
+    task1_ranking_ndcg,
+    task2_esci_f1,
+    task3_substitute_micro_f1,
+    worst_queries,
 )
 from reranker import scores_from_probs
 
@@ -24,7 +37,7 @@ def test_confusion_and_f1_by_hand():
     y_pred = np.array([E, E, S, S, E, I])
     cm = confusion_matrix(y_true, y_pred)
     assert cm.tolist() == [[2, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
-    rep = per_class_report(cm)
+    rep = per_class_report(y_true, y_pred)
     # E: precision 2/3, recall 2/3; S: precision 1/2, recall 1/2; I: 1/1.
     assert rep["E"]["f1"] == pytest.approx(2 / 3)
     assert rep["S"]["f1"] == pytest.approx(0.5)
@@ -79,3 +92,167 @@ def test_evaluation_report_and_text():
     assert report["confusion_matrix"]["rows_true_cols_pred"][1] == [1, 0, 0, 0]
     text = format_report(report)
     assert "accuracy" in text and "confusion matrix" in text and "nDCG" in text
+
+
+def test_ndcg_averages_gains_over_tied_scores():
+    # All three tied: each rank position gets the mean gain (1 + 0 + 0.1) / 3.
+    gains, scores = np.array([1.0, 0.0, 0.1]), np.full(3, 0.5)
+    dcg = 1.1 / 3 * (1.0 + 1.0 / np.log2(3) + 1.0 / np.log2(4))
+    idcg = 1.0 + 0.1 / np.log2(3)
+    assert ndcg(gains, scores) == pytest.approx(dcg / idcg)
+
+
+def test_mean_ndcg_does_not_depend_on_row_order_within_tied_scores():
+    # One E among three I, all tied. Ranking by row order (the old behaviour) gave 1.0 with E first
+    # and 0.5 with E last; averaging over the tie gives the same value for every order.
+    groups = np.array(["q"] * 4 + ["r"] * 2)
+    y_true = np.array([E, I, I, I, S, I])
+    scores = np.array([0.4, 0.4, 0.4, 0.4, 0.9, 0.1])
+    expected = (0.25 * (1.0 + 1.0 / np.log2(3) + 0.5 + 1.0 / np.log2(5)) + 1.0) / 2
+    value, n = mean_ndcg(groups, y_true, scores)
+    assert n == 2 and value == pytest.approx(expected)
+    for perm in ([3, 1, 2, 0, 4, 5], [5, 2, 0, 4, 3, 1], [1, 2, 3, 0, 5, 4]):
+        assert mean_ndcg(groups[perm], y_true[perm], scores[perm]) == (value, n)
+
+
+def test_one_item_query_with_a_relevant_item_counts_as_perfect():
+    # The rule the old code had: only queries without a relevant item are skipped.
+    value, n = mean_ndcg(np.array(["a", "b", "b"]), np.array([E, E, I]), np.array([0.1, 0.2, 0.9]))
+    assert n == 2 and value == pytest.approx((1.0 + 1.0 / np.log2(3)) / 2)
+
+
+def test_worst_queries_lowest_ndcg_first_with_item_counts():
+    groups = np.array(["a", "a", "b", "b", "c", "c", "c", "d"])
+    y_true = np.array([E, I, I, E, I, I, E, I])
+    scores = np.array([0.9, 0.1, 0.9, 0.1, 0.9, 0.8, 0.1, 0.5])
+    # a: E first -> 1.0; b: E second -> 1/log2(3); c: E third -> 1/log2(4) = 0.5; d: no relevant item, skipped.
+    worst = worst_queries(groups, y_true, scores, k=2)
+    assert [(w["query_id"], w["n_items"]) for w in worst] == [("c", 3), ("b", 2)]
+    assert [w["ndcg"] for w in worst] == pytest.approx([0.5, 1.0 / np.log2(3)])
+    assert [w["query_id"] for w in worst_queries(groups, y_true, scores, k=10)] == ["c", "b", "a"]
+
+
+def test_esci_tasks_by_hand():
+    y_true = np.array([E, S, S, C, I, E])
+    y_pred = np.array([E, S, E, C, C, E])
+    # Task 2: 4 of 6 right. F1: E 0.8 (p 2/3, r 1), S 2/3 (p 1, r 1/2), C 2/3 (p 1/2, r 1), I 0.
+    assert task2_esci_f1(y_true, y_pred) == pytest.approx({"micro_f1": 4 / 6, "macro_f1": (0.8 + 2 / 3 + 2 / 3) / 4})
+    # Task 3: S vs not-S agrees on every row but the S predicted as E.
+    assert task3_substitute_micro_f1(y_true, y_pred) == pytest.approx(5 / 6)
+    # Task 1: q1 ranks E, S, S (ideal); q2 ranks C, E, I.
+    groups = np.array(["q1"] * 3 + ["q2"] * 3)
+    scores = np.array([0.9, 0.1, 0.5, 0.8, 0.2, 0.3])
+    q2 = (0.01 + 1.0 / np.log2(3)) / (1.0 + 0.01 / np.log2(3))
+    assert task1_ranking_ndcg(groups, y_true, scores) == pytest.approx((1.0 + q2) / 2)
+    tasks = esci_tasks(y_true, y_pred, scores, groups)
+    assert tasks == pytest.approx({"task1_ranking_ndcg": (1.0 + q2) / 2, "task2_esci_micro_f1": 4 / 6,
+                                   "task2_esci_macro_f1": (0.8 + 2 / 3 + 2 / 3) / 4,
+                                   "task3_substitute_micro_f1": 5 / 6, "task3_majority_micro_f1": 4 / 6})
+    assert esci_tasks(y_true, y_pred, scores, None)["task1_ranking_ndcg"] is None
+
+
+def test_softmax_with_temperature():
+    assert softmax(np.array([[0.0, np.log(2.0)]])) == pytest.approx(np.array([[1 / 3, 2 / 3]]))
+    assert softmax(np.array([[0.0, 2 * np.log(2.0)]]), temperature=2.0) == pytest.approx(np.array([[1 / 3, 2 / 3]]))
+    assert softmax(np.array([[1000.0, 1000.0]])) == pytest.approx(np.array([[0.5, 0.5]]))  # no overflow
+
+
+def test_expected_calibration_error_by_hand():
+    probs = np.array([[0.9, 0.05, 0.03, 0.02],   # conf 0.9, right
+                      [0.05, 0.9, 0.03, 0.02],   # conf 0.9, wrong
+                      [0.5, 0.2, 0.2, 0.1],      # conf 0.5, right
+                      [0.3, 0.25, 0.25, 0.2]])   # conf 0.3, wrong
+    y_true = np.array([E, E, E, I])
+    # 5 bins: (0.8,1] acc 1/2 conf 0.9 weight 2/4; (0.4,0.6] acc 1 conf 0.5 weight 1/4; (0.2,0.4] acc 0 conf 0.3 weight 1/4.
+    assert expected_calibration_error(probs, y_true, n_bins=5) == pytest.approx(0.5 * 0.4 + 0.25 * 0.5 + 0.25 * 0.3)
+    # 0.9 and 0.95 share a bin of width 0.2 but not of width 1/15 (edges 0.867, 0.933, 1).
+    two = np.array([[0.9, 0.1, 0.0, 0.0], [0.95, 0.05, 0.0, 0.0]])
+    assert expected_calibration_error(two, np.array([E, S]), n_bins=5) == pytest.approx(abs(1 - 1.85) / 2)
+    assert expected_calibration_error(two, np.array([E, S])) == pytest.approx((0.1 + 0.95) / 2)
+    # Bins are (lo, hi], as in Guo et al. 2017: with 2 bins, confidence 0.5 is in the lower one.
+    edge = np.array([[0.5, 0.5, 0.0, 0.0], [0.75, 0.25, 0.0, 0.0]])
+    assert expected_calibration_error(edge, np.array([E, S]), n_bins=2) == pytest.approx((0.5 + 0.75) / 2)
+    # Confidence 0.5 and right half the time: calibrated.
+    half = np.array([[0.5, 0.5, 0.0, 0.0], [0.5, 0.3, 0.2, 0.0]])
+    assert expected_calibration_error(half, np.array([E, S])) == pytest.approx(0.0)
+
+
+def test_brier_and_nll_by_hand():
+    probs = np.array([[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    y_true = np.array([E, C])
+    # row 1: 0.3² + 0.2² + 0.1² = 0.14; row 2: 3·0.25² + 0.75² = 0.75.
+    assert brier_score(probs, y_true) == pytest.approx((0.14 + 0.75) / 2)
+    assert nll(probs, y_true) == pytest.approx(-(np.log(0.7) + np.log(0.25)) / 2)
+    assert brier_score(np.eye(4), np.arange(4)) == 0.0
+
+
+def _sampled_labels(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One label per row drawn from that row's distribution."""
+    return (rng.random(len(probs))[:, None] > probs.cumsum(axis=1)).sum(axis=1)
+
+
+def test_fit_temperature_recovers_over_confidence_and_leaves_calibrated_logits_alone():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 2.0, size=(4000, 4))
+    y_true = _sampled_labels(softmax(logits), rng)  # softmax(logits) is the true distribution: T = 1
+    assert fit_temperature(logits, y_true) == pytest.approx(1.0, abs=0.1)
+    sharp = 3.0 * logits  # three times over-confident
+    t = fit_temperature(sharp, y_true)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert nll(softmax(sharp, t), y_true) < nll(softmax(sharp), y_true) - 0.1
+    # Log-probabilities are valid logits.
+    assert fit_temperature(np.log(softmax(sharp)), y_true) == pytest.approx(t, rel=1e-3)
+
+
+def test_calibration_before_after_by_hand():
+    probs = np.array([[0.8, 0.1, 0.05, 0.05]])
+    c = calibration_before_after(probs, np.array([E]), temperature=2.0)
+    # T = 2 on log-probs: p ∝ sqrt(p).
+    root = np.sqrt(probs[0])
+    assert c["temperature"] == 2.0
+    assert c["nll_before"] == pytest.approx(-np.log(0.8))
+    assert c["nll_after"] == pytest.approx(-np.log(root[0] / root.sum()))
+    assert c["ece_before"] == pytest.approx(0.2) and c["ece_after"] == pytest.approx(1 - root[0] / root.sum())
+
+
+def _report(**kwargs) -> dict:
+    y_true = np.array([E, S, C, I, E])
+    probs = np.eye(4)[[E, E, C, I, E]] * 0.7 + 0.075
+    return evaluation_report(y_true, probs, scores_from_probs(probs), np.array([1, 1, 1, 2, 2]), **kwargs)
+
+
+def test_evaluation_report_new_sections_are_json_ready():
+    report = _report(temperature=0.5)
+    # Right rows have confidence 0.775; 4 of 5 right, all in one bin: |0.8 - 0.775|.
+    assert report["ece"] == pytest.approx(0.025)
+    assert report["esci_tasks"]["task2_esci_micro_f1"] == pytest.approx(0.8)
+    assert report["esci_tasks"]["task3_substitute_micro_f1"] == pytest.approx(0.8)  # the one S was predicted E
+    # Query 1: E and S rows got identical probabilities (a tie), C ranks third; query 2 is ranked ideally.
+    q1 = (0.55 * (1 + 1 / np.log2(3)) + 0.01 / 2) / (1 + 0.1 / np.log2(3) + 0.01 / 2)
+    assert report["esci_tasks"]["task1_ranking_ndcg"] == pytest.approx((q1 + 1.0) / 2) == report["ndcg"]
+    assert report["calibration"]["temperature"] == 0.5
+    assert report["calibration"]["ece_before"] == report["ece"]
+    assert report["worst_queries"][0]["query_id"] == 1  # int query ids stay ints
+    json.dumps(report)  # numpy scalars would raise here
+    assert "calibration" not in _report()
+
+
+def test_format_report_header_tasks_calibration_and_worst_queries():
+    text = format_report(_report(temperature=0.5), adapter="outputs/lora")
+    assert text.startswith("model: adapter outputs/lora\n")
+    assert "E = exact, S = substitute, C = complement, I = irrelevant" in text
+    assert "score = (3·P(E) + 2·P(S) + 1·P(C)) / 3" in text
+    for name in ("task 1 query-product ranking", "task 2 E/S/C/I classification", "task 3 substitute identification"):
+        assert name in text
+    assert "ECE 0.0250" in text and "Brier" in text and "T=0.500" in text
+    assert "worst queries by nDCG" in text
+
+
+def test_format_report_says_which_adapter():
+    report = _report()
+    assert "zero-shot (no adapter loaded)" in format_report(report, adapter=None)
+    assert "adapter not recorded" in format_report(report)
+    # eval.py stores its arguments under "config"; the header reads the adapter from there.
+    assert "zero-shot (no adapter loaded)" in format_report({**report, "config": {"lora_model": None}})
+    assert "model: adapter out/a" in format_report({**report, "config": {"lora_model": "out/a"}})
+    assert "model: adapter out/b" in format_report({**report, "adapter": "out/b", "config": {"lora_model": "out/a"}})

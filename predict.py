@@ -13,7 +13,14 @@ extension (.parquet/.csv/.jsonl); without --output, JSON lines go to stdout. A p
 gets the prediction fields added; a request line is answered by ONE line: the request
 without "items", plus "results", its items ranked by score, each {index, item, p_*, score,
 pred_label}, cut to --top_k. Requests can only be written as JSON lines.
-Blank or non-text query/item values are errors (exit 2); files are written atomically.
+
+Input columns are never overwritten: if one is named like an output (p_E ... pred_label, or
+results for a request), predict refuses and asks for --column_prefix, which writes ours as
+PREFIX + name. JSON output is strict: NaN and infinities become null.
+
+Bad input (a blank or non-text query/item, a line that is not a JSON object) is an error,
+exit 2, checked with --output before the model loads. Files are written atomically; if the
+final write fails (a full disk), the results go to the system temp folder and the error says where.
 """
 
 from __future__ import annotations
@@ -21,16 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from esci_dataset import ESCIDataError, atomic_write, read_table, require_columns, validate_text_column
+from cli_utils import HelpFormatter, check_output_file, cli_error, dumps_strict, save_or_fallback
+from esci_dataset import ESCIDataError, read_table, require_columns, validate_text_column
 from reranker import (
+    OUTPUT_COLUMNS,
     PROB_COLUMNS,
     add_inference_args,
     check_model_paths,
@@ -47,14 +56,18 @@ _SHOW = 5  # bad lines quoted in an error message
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add_inference_args(p)
 
     g = p.add_argument_group("input and output")
     g.add_argument("--input", type=str, required=True, help="a .parquet/.csv/.jsonl file with query and item_text columns, or - for JSON lines on stdin")
-    g.add_argument("--output", type=str, default=None, help="output file, format by extension (.parquet/.csv/.jsonl); default: JSON lines on stdout")
-    g.add_argument("--top_k", type=int, default=None, help="for {query, items} requests: keep only the best K ranked items")
+    g.add_argument("--output", type=str, default=None,
+                   help="output file, format by extension (.parquet/.csv/.jsonl); its folder is created if needed. "
+                        "Without it: JSON lines on stdout")
+    g.add_argument("--top_k", type=int, default=None, help="for {query, items} requests: keep only the best K ranked items (without it: all)")
+    g.add_argument("--column_prefix", type=str, default="",
+                   help="write our columns as PREFIX + name (e.g. pred_ -> pred_score); needed when the input already "
+                        f"has a column or field named {', '.join(OUTPUT_COLUMNS)} (or results, for requests) (default: %(default)r)")
     return p
 
 
@@ -97,9 +110,44 @@ def _is_text(v) -> bool:
     return isinstance(v, str) and bool(v.strip())
 
 
-def _short(v) -> str:
-    text = repr(v)
+def _clip(text: str) -> str:
+    """``text`` cut to 80 characters, lone surrogates shown as ``\\udXXX`` escapes (they cannot be printed)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _short(v) -> str:
+    """A JSON value as the user wrote it (``null``, ``"text"``, ``[1, 2]``), clipped."""
+    try:
+        return _clip(json.dumps(v, ensure_ascii=False))
+    except (TypeError, ValueError):
+        return _clip(repr(v))
+
+
+def _strings(obj) -> Iterable[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield key
+            yield from _strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _strings(value)
+
+
+def _not_unicode(obj) -> str | None:
+    """The first key or string in ``obj`` with an unpaired surrogate, else None.
+
+    ``"\\ud800"`` is valid JSON but not text: the tokenizer and the UTF-8 output cannot
+    take it. Undecodable bytes on stdin arrive as such surrogates too.
+    """
+    for text in _strings(obj):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return text
+    return None
 
 
 def _line_problem(obj) -> str | None:
@@ -109,13 +157,18 @@ def _line_problem(obj) -> str | None:
         return f"'query' is missing, empty or not text: {_short(obj.get('query'))}"
     if ("item_text" in obj) == ("items" in obj):
         return "needs exactly one of 'item_text' (a pair) or 'items' (a request)"
-    if "item_text" in obj:
-        return None if _is_text(obj["item_text"]) else f"'item_text' is empty or not text: {_short(obj['item_text'])}"
-    items = obj["items"]
+    if "item_text" in obj and not _is_text(obj["item_text"]):
+        return f"'item_text' is empty or not text: {_short(obj['item_text'])}"
+    items = obj.get("items", [])
     if not isinstance(items, list):
         return f"'items' must be a list of strings, got {_short(items)}"
     bad = [f"items[{i}]={_short(v)}" for i, v in enumerate(items) if not _is_text(v)]
-    return f"empty or non-text item(s): {', '.join(bad[:_SHOW])}" if bad else None
+    if bad:
+        return f"empty or non-text item(s): {', '.join(bad[:_SHOW])}"
+    bad_text = _not_unicode(obj)
+    if bad_text is not None:
+        return f"not valid text (an unpaired surrogate such as \\ud800, or bytes that are not UTF-8): {_short(bad_text)}"
+    return None
 
 
 def parse_jsonl(lines: Iterable[str], source: str) -> list[dict]:
@@ -128,7 +181,13 @@ def parse_jsonl(lines: Iterable[str], source: str) -> list[dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                problems.append(f"line {number}: not valid JSON ({exc.msg}): {_short(line.strip())}")
+                problems.append(f"line {number}: not valid JSON ({exc.msg}): {_clip(line.strip())}")
+                continue
+            except ValueError as exc:  # e.g. an integer of more than 4300 digits
+                problems.append(f"line {number}: cannot be read as JSON ({str(exc).split(';')[0]}): {_clip(line.strip())}")
+                continue
+            except RecursionError:
+                problems.append(f"line {number}: JSON nested too deeply: {_clip(line.strip())}")
                 continue
             problem = _line_problem(obj)
             if problem:
@@ -147,7 +206,7 @@ def parse_jsonl(lines: Iterable[str], source: str) -> list[dict]:
 def read_jsonl_file(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise ESCIDataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not text
         return parse_jsonl(f, path)
 
 
@@ -165,59 +224,63 @@ def flat_pairs(df: pd.DataFrame | None, records: list[dict] | None) -> tuple[lis
     return queries, items
 
 
-def with_predictions(df: pd.DataFrame | None, records: list[dict] | None, probs: np.ndarray, top_k: int | None):
-    """Put ``probs`` (in :func:`flat_pairs` order) back: columns on a table; fields or ranked ``results`` on lines."""
+def added_names(prefix: str, request: bool = False) -> list[str]:
+    """The columns/fields predict adds to a table row or pair line, or to a ``{query, items}`` request."""
+    return [prefix + name for name in (["results"] if request else OUTPUT_COLUMNS)]
+
+
+def check_no_clash(df: pd.DataFrame | None, records: list[dict] | None, prefix: str, source: str) -> None:
+    """Refuse input that already has a column/field we would write: never overwrite user data silently."""
     if df is not None:
-        return df.assign(**prediction_columns(probs)), None
+        clash = [name for name in added_names(prefix) if name in df.columns]
+    else:
+        clash = sorted({name for rec in records for name in added_names(prefix, "items" in rec) if name in rec})
+    if clash:
+        kind = "column(s)" if df is not None else "field(s)"
+        raise ESCIDataError(
+            f"{source}: input {kind} {', '.join(map(repr, clash))} would be overwritten by the predictions; "
+            f"rename {'it' if len(clash) == 1 else 'them'}, or pass --column_prefix PREFIX to write ours as "
+            f"PREFIX + name (e.g. --column_prefix pred_ gives {', '.join('pred_' + n for n in clash)})")
+
+
+def with_predictions(df: pd.DataFrame | None, records: list[dict] | None, probs: np.ndarray, top_k: int | None,
+                     prefix: str = ""):
+    """Put ``probs`` (in :func:`flat_pairs` order) back: columns on a table; fields or ranked ``results`` on lines.
+
+    Every added name starts with ``prefix``; the fields inside ``results`` are ours alone and are not prefixed.
+    """
+    if df is not None:
+        return df.assign(**{prefix + name: values for name, values in prediction_columns(probs).items()}), None
     preds, out = iter(prediction_records(probs)), []
     for rec in records:
         if "items" in rec:
             ranked = rank_results(rec["items"], [next(preds) for _ in rec["items"]], top_k)
-            out.append({**{k: v for k, v in rec.items() if k != "items"}, "results": ranked})
+            out.append({**{k: v for k, v in rec.items() if k != "items"}, prefix + "results": ranked})
         else:
-            out.append({**rec, **next(preds)})
+            out.append({**rec, **{prefix + name: value for name, value in next(preds).items()}})
     return None, out
 
 
 # ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)  # timestamps, decimals, ...
-
-
-def _clean(value):
-    """NaN / NA -> None, so every line is strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return value
-
-
 def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
+    """One strict JSON object per line: NaN/±inf (ours or the user's) become null, never ``NaN``/``Infinity``."""
     for rec in records:
-        yield json.dumps({k: _clean(v) for k, v in rec.items()}, ensure_ascii=False, default=_json_default) + "\n"
+        yield dumps_strict(rec, ensure_ascii=False) + "\n"
 
 
-def write_output(path: str, df: pd.DataFrame | None, records: list[dict] | None) -> None:
-    """Write a scored table (``df``) or scored JSON records to ``path`` by its extension."""
-    ext = os.path.splitext(path)[1].lower()
+def write_output(path: str, ext: str, df: pd.DataFrame | None, records: list[dict] | None) -> None:
+    """Write a scored table (``df``) or scored JSON records to ``path`` in the format of ``ext``."""
     if ext == ".jsonl":
-        lines = jsonl_lines(records if records is not None else df.to_dict(orient="records"))
-
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(lines)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
+        return
+    table = df if df is not None else pd.DataFrame(records)
+    if ext == ".parquet":
+        table.to_parquet(path, index=False)
     else:
-        table = df if df is not None else pd.DataFrame(records)
-        write = (lambda tmp: table.to_parquet(tmp, index=False)) if ext == ".parquet" else \
-            (lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write(path, write)
+        table.to_csv(path, index=False)
 
 
 # ---------------------------------------------------------------------------
@@ -232,16 +295,27 @@ def read_input(args) -> tuple[pd.DataFrame | None, list[dict] | None]:
     return read_pairs_table(args.input), None
 
 
-def check_output(args, records: list[dict] | None) -> None:
+def check_output_path(args) -> None:
+    """``--output`` has a known format and can be written (its folder may not exist yet)."""
+    if args.output is not None:
+        extension(args.output, "--output")
+        check_output_file(args.output, "--output")
+
+
+def check_output_fits(args, records: list[dict] | None) -> None:
+    """The input can be written in ``--output``'s format."""
     if args.output is None:
         return
     ext = extension(args.output, "--output")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise ESCIDataError(f"--output {args.output}: folder {out_dir} does not exist")
     if ext != ".jsonl" and records is not None and any("items" in r for r in records):
         raise ESCIDataError(f"--output {args.output}: {{query, items}} requests produce ranked lists; "
                             "write them as .jsonl or to stdout")
+    if ext == ".parquet" and records:  # found now, not after scoring: a field whose values mix types
+        try:
+            pa.Table.from_pandas(pd.DataFrame(records), preserve_index=False)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise ESCIDataError(f"--output {args.output}: the input's JSON fields do not fit parquet columns "
+                                f"({str(exc).splitlines()[0]}); write .jsonl or .csv instead") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,17 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
     logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
     if args.top_k is not None and args.top_k < 0:
-        print(f"error: --top_k must be >= 0, got {args.top_k}", file=sys.stderr)
-        return 2
+        return cli_error(f"--top_k must be >= 0, got {args.top_k}")
 
     try:
         # 2. Input and output checks, before the (slow) model load ------------
         check_model_paths(args.base_model, args.lora_model)
+        check_output_path(args)
         df, records = read_input(args)
-        check_output(args, records)
+        check_output_fits(args, records)
+        check_no_clash(df, records, args.column_prefix, "<stdin>" if args.input == "-" else args.input)
     except ESCIDataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error(exc)
     queries, items = flat_pairs(df, records)
     logger.info("%d pair(s) to score from %s", len(queries), args.input)
 
@@ -270,9 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reranker = reranker_from_args(args)
         except (OSError, ValueError) as exc:  # missing/unloadable model, or an adapter with a different prompt
-            print(f"error: cannot load the reranker (--base_model {args.base_model}, --lora_model {args.lora_model}): "
-                  f"{exc}", file=sys.stderr)
-            return 2
+            return cli_error(f"cannot load the reranker (--base_model {args.base_model}, --lora_model {args.lora_model}): "
+                             f"{exc}")
 
     # 4. Score (length-sorted batches; output keeps input order) ---------------
     if reranker is None:
@@ -280,16 +353,18 @@ def main(argv: list[str] | None = None) -> int:
         probs = np.zeros((0, len(PROB_COLUMNS)))
     else:
         probs = reranker.predict_probs(queries, items, progress=args.input != "-")  # tqdm on stderr for files
-    df, records = with_predictions(df, records, probs, args.top_k)
+    df, records = with_predictions(df, records, probs, args.top_k, args.column_prefix)
 
-    # 5. Write ------------------------------------------------------------------
+    # 5. Write (if the file cannot be written now, the results go to a fallback file) -------
     if args.output is None:
         sys.stdout.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
         sys.stdout.flush()
-    else:
-        write_output(args.output, df, records)
+        return 0
+    ext = extension(args.output, "--output")
+    rc = save_or_fallback(args.output, lambda path: write_output(path, ext, df, records), "--output")
+    if rc == 0:
         logger.info("wrote %s", args.output)
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

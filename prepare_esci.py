@@ -22,7 +22,9 @@ The result is cut to --max_item_chars at a word boundary.
 
 Problems (unknown labels, duplicate pairs, missing products, ...) are counted and reported
 in the summary, never dropped silently. A product with an empty title is kept when its
-other fields still give text.
+other fields still give text. A column whose type differs from the official release (a
+numeric query, integer labels, float product ids) is an error (exit 2) naming file, column,
+row and value; so is an --output_dir that cannot be written, found before any work.
 
     python prepare_esci.py --esci_dir ../esci-data/shopping_queries_dataset
 """
@@ -36,7 +38,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -46,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from cli_utils import HelpFormatter, check_output_dir, cli_error, write_json
 from esci_dataset import LABELS, ESCIDataError, PromptEncoder, atomic_write, require_columns
 
 logger = logging.getLogger("prepare_esci")
@@ -64,7 +66,9 @@ ITEM_FIELDS = {
     "bullet_points": ("product_bullet_point", "Features"),
     "description": ("product_description", "Description"),
 }
-EXAMPLE_COLUMNS = ["example_id", "query", "query_id", "product_id", "product_locale", "esci_label", "split"]
+# Column -> the kind of values the official release stores there (text: string, integer: int64).
+EXAMPLE_COLUMNS = {"example_id": "integer", "query": "text", "query_id": "integer", "product_id": "text",
+                   "product_locale": "text", "esci_label": "text", "split": "text"}
 OUTPUT_SCHEMA = pa.schema([("query", pa.string()), ("item_text", pa.string()), ("esci_label", pa.string()),
                            ("example_id", pa.int64()), ("query_id", pa.int64()),
                            ("product_id", pa.string()), ("product_locale", pa.string())])
@@ -87,7 +91,7 @@ _HTML_TAG = re.compile(r"<!--.*?-->|</?[A-Za-z][^<>]*>", re.S)  # a bare "<" or 
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("input and output")
     g.add_argument("--esci_dir", type=str, required=True,
                    help=f"folder with {EXAMPLES_FILE}, {PRODUCTS_FILE} and (for --with_source) {SOURCES_FILE}")
@@ -119,8 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [f for f in args.item_fields if f not in ITEM_FIELDS]
     if unknown or not args.item_fields or len(set(args.item_fields)) != len(args.item_fields):
         parser.error(f"--item_fields must list distinct names from {', '.join(ITEM_FIELDS)}; got unknown {unknown}")
-    if args.max_item_chars < 1 or args.token_sample_rows < 0:
-        parser.error("--max_item_chars must be >= 1 and --token_sample_rows >= 0")
+    if args.max_item_chars < 1:
+        parser.error(f"--max_item_chars must be >= 1, got {args.max_item_chars}")
+    if args.token_sample_rows < 0:
+        parser.error(f"--token_sample_rows must be >= 0, got {args.token_sample_rows}")
     return args
 
 
@@ -171,24 +177,59 @@ def check_file(path: str) -> None:
             raise ESCIDataError(f"{path}: this is a git-lfs pointer, not the data; run `git lfs install && git lfs pull` in the esci-data clone")
 
 
-def open_parquet(path: str, columns: list[str]) -> pq.ParquetFile:
-    """The parquet file, after checking that it is readable and has ``columns``."""
+_KINDS = {  # kind -> (as the release stores it, check)
+    "text": ("text (string)", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+    # an item field nobody filled in may be written as an all-null column
+    "optional_text": ("text (string)", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)),
+    "integer": ("whole numbers (int64)", pa.types.is_integer),
+}
+
+
+def first_value(parquet: pq.ParquetFile, column: str) -> tuple[int, object]:
+    """``(row, value)`` of the first non-null value of ``column`` (0-based row), or ``(-1, None)``."""
+    offset = 0
+    for batch in parquet.iter_batches(batch_size=65_536, columns=[column]):
+        values = batch.column(0)
+        valid = pc.indices_nonzero(pc.is_valid(values))
+        if len(valid):
+            row = valid[0].as_py()
+            return offset + row, values[row].as_py()
+        offset += len(values)
+    return -1, None
+
+
+def check_column_types(parquet: pq.ParquetFile, path: str, kinds: dict[str, str]) -> None:
+    """Each column holds the kind of values (a key of ``_KINDS``) the official release has there."""
+    for column, kind in kinds.items():
+        arrow_type = parquet.schema_arrow.field(column).type
+        stored_as, fits = _KINDS[kind]
+        if not fits(arrow_type):
+            row, value = first_value(parquet, column)
+            example = f"row {row}: {value!r}" if row >= 0 else "every row is null"
+            raise ESCIDataError(f"{path}: column '{column}' holds {arrow_type} values ({example}; rows are 0-based), "
+                                f"but the official release stores {stored_as} there. Is this file from another source, "
+                                "or re-saved with other types?")
+
+
+def open_parquet(path: str, columns: dict[str, str]) -> pq.ParquetFile:
+    """The parquet file, after checking that it is readable and has ``columns`` (name -> kind) of the right types."""
     check_file(path)
     try:
         # Stream pages: by default a whole row group (up to ~1M products, >1 GB of text) is held at once.
         parquet = pq.ParquetFile(path, buffer_size=1 << 23, pre_buffer=False)
     except Exception as exc:  # pyarrow raises many types for unreadable files
         raise ESCIDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
-    require_columns(pd.DataFrame(columns=parquet.schema_arrow.names), columns, path)
+    require_columns(pd.DataFrame(columns=parquet.schema_arrow.names), list(columns), path)
+    check_column_types(parquet, path, columns)
     return parquet
 
 
 def read_examples(path: str, locale: str, version: str) -> pd.DataFrame:
     """The needed example columns, filtered by locale and version flag while reading."""
     flag = f"{version}_version"
-    open_parquet(path, EXAMPLE_COLUMNS + [flag])
+    open_parquet(path, {**EXAMPLE_COLUMNS, flag: "integer"})
     filters = [(flag, "=", 1)] + ([("product_locale", "=", locale)] if locale != "all" else [])
-    return pq.read_table(path, columns=EXAMPLE_COLUMNS, filters=filters).to_pandas()
+    return pq.read_table(path, columns=list(EXAMPLE_COLUMNS), filters=filters).to_pandas()
 
 
 def read_products(path: str, wanted: pd.DataFrame, fields: list[str], max_chars: int) -> tuple[pd.DataFrame, pa.Array, np.ndarray]:
@@ -198,7 +239,7 @@ def read_products(path: str, wanted: pd.DataFrame, fields: list[str], max_chars:
     the keys found (with ``product_row``, 0..n-1), item_text ``[n]`` and a bool ``[n]``: empty title.
     """
     columns = ["product_id", "product_locale"] + [ITEM_FIELDS[f][0] for f in fields]
-    parquet = open_parquet(path, columns)
+    parquet = open_parquet(path, {**dict.fromkeys(columns[:2], "text"), **dict.fromkeys(columns[2:], "optional_text")})
     ids_by_locale = {loc: pa.array(group["product_id"].unique(), pa.string()) for loc, group in wanted.groupby("product_locale")}
     keys, texts, no_title = [], [], []
     for batch in tqdm(parquet.iter_batches(batch_size=50_000, columns=columns), desc="products",
@@ -224,7 +265,12 @@ def read_sources(path: str) -> pd.Series:
     except Exception as exc:
         raise ESCIDataError(f"{path}: not a readable csv file ({type(exc).__name__}: {exc})") from None
     require_columns(df, ["query_id", "source"], path)
-    return df.drop_duplicates("query_id").set_index("query_id")["source"]
+    ids = pd.to_numeric(df["query_id"], errors="coerce")
+    bad = df["query_id"][ids.isna() | (ids % 1 != 0)]
+    if len(bad):
+        raise ESCIDataError(f"{path}: column 'query_id' must hold whole numbers, as in the examples file; "
+                            f"{len(bad)} row(s) do not (rows are 0-based), e.g. row {bad.index[0]}: {bad.iloc[0]!r}")
+    return df.assign(query_id=ids.astype(np.int64)).drop_duplicates("query_id").set_index("query_id")["source"]
 
 
 # ---------------------------------------------------------------------------
@@ -265,6 +311,7 @@ def write_parquet(df: pd.DataFrame, item_text: pa.Array, path: str, schema: pa.S
 def prepare(args: argparse.Namespace) -> dict:
     """Read, clean, join, write. Returns the summary (also written as SUMMARY_FILE). Raises ESCIDataError."""
     started = time.time()
+    check_output_dir(args.output_dir, "--output_dir")  # before the slow part, not after it
     encoder = None
     if args.tokenizer:  # fail on a bad path before the slow part
         try:
@@ -320,13 +367,16 @@ def prepare(args: argparse.Namespace) -> dict:
             splits[split]["prompt_tokens"] = prompt_token_stats(encoder, rows["query"].tolist(), docs)
 
     # 4. Write: each file atomically, then the summary ---------------------------
-    os.makedirs(args.output_dir, exist_ok=True)
-    for split, name in OUTPUT_FILES.items():
-        write_parquet(ex[ex["split"] == split], item_text, os.path.join(args.output_dir, name), schema)
-    summary = {"args": vars(args), "problems": problems, "splits": splits, "seconds": round(time.time() - started, 1),
+    summary = {"args": vars(args), "problems": problems, "splits": splits, "seconds": None,
                "files": {split: os.path.join(args.output_dir, name) for split, name in OUTPUT_FILES.items()}}
-    with open(os.path.join(args.output_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for split, name in OUTPUT_FILES.items():
+            write_parquet(ex[ex["split"] == split], item_text, os.path.join(args.output_dir, name), schema)
+        summary["seconds"] = round(time.time() - started, 1)
+        write_json(os.path.join(args.output_dir, SUMMARY_FILE), summary)
+    except OSError as exc:  # e.g. a full disk; each file is complete or absent (atomic writes)
+        raise ESCIDataError(f"--output_dir {args.output_dir}: writing failed ({exc.strerror or exc})") from None
     return summary
 
 
@@ -354,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = prepare(args)
     except ESCIDataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error(exc)
     print(format_summary(summary))
     return 0
 

@@ -1,10 +1,12 @@
 """predict.py: files and stdin in, the same rows plus predictions out; bad input is exit 2 without a traceback."""
 
+import errno
 import io
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -147,7 +149,7 @@ def test_bad_rows_name_file_column_rows_and_values(model_args, tmp_path, capsys,
     assert rc == 2 and "missing required column(s) 'item_text'" in err
 
 
-@pytest.mark.parametrize("case", ["missing_input", "input_format", "not_utf8", "output_format", "output_dir",
+@pytest.mark.parametrize("case", ["missing_input", "input_format", "not_utf8", "output_format", "output_under_file",
                                   "requests_to_csv", "missing_lora", "missing_base"])
 def test_bad_arguments_exit_2(case, tiny_model_dir, adapter_dir, tmp_path, capsys, monkeypatch):
     model = ["--base_model", tiny_model_dir, "--lora_model", adapter_dir]
@@ -159,7 +161,7 @@ def test_bad_arguments_exit_2(case, tiny_model_dir, adapter_dir, tmp_path, capsy
         "input_format": ([*model, "--input", str(tmp_path / "x.txt")], "unsupported format '.txt'"),
         "not_utf8": ([*model, "--input", str(tmp_path / "latin1.jsonl")], "not UTF-8 text (near line 1"),
         "output_format": ([*model, "--input", str(good), "--output", str(tmp_path / "o.xlsx")], "unsupported format"),
-        "output_dir": ([*model, "--input", str(good), "--output", str(tmp_path / "no" / "o.jsonl")], "does not exist"),
+        "output_under_file": ([*model, "--input", str(good), "--output", str(good / "o.jsonl")], "not a folder"),
         "requests_to_csv": ([*model, "--input", str(good), "--output", str(tmp_path / "o.csv")], "write them as .jsonl"),
         "missing_lora": (["--base_model", tiny_model_dir, "--lora_model", str(tmp_path / "nolora"), "--input", str(good)],
                          "--lora_model"),
@@ -176,8 +178,91 @@ def test_help_reads_like_docs(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--base_model", "--lora_model", "--input", "--output", "--max_length", "--batch_size", "--bf16",
-                 "--no_flash_attn", "--top_k"):
+                 "--no_flash_attn", "--top_k", "--column_prefix"):
         assert flag in text
+    assert "(default: 512)" in text and "(default: '')" in text  # defaults are shown
+
+
+# ---------------------------------------------------------------------------
+# Never overwrite user columns, strict JSON, outputs checked first, no lost work
+# (a stand-in reranker: these are about predict.py's input and output, not the model)
+# ---------------------------------------------------------------------------
+class FixedReranker:
+    """Returns ``probs`` for every pair; NaN rows are what a broken or overflowed model gives."""
+
+    def __init__(self, probs):
+        self.probs = np.asarray(probs, dtype=np.float64)
+
+    def predict_probs(self, queries, items, progress=False):
+        return np.resize(self.probs, (len(queries), 4))
+
+
+@pytest.fixture
+def fixed_model(monkeypatch, tmp_path):
+    (tmp_path / "base").mkdir()
+    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args: FixedReranker([[0.7, 0.1, 0.1, 0.1]]))
+    return ["--base_model", str(tmp_path / "base")]
+
+
+def test_user_columns_are_refused_then_kept_beside_prefixed_ones(fixed_model, tmp_path, capsys):
+    user = pd.DataFrame({"query": ["q1", "q2"], "item_text": ["a", "b"], "score": [5.0, 1.0], "pred_label": ["gold", "x"]})
+    user.to_parquet(tmp_path / "in.parquet", index=False)
+    argv = [*fixed_model, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out.parquet")]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and "'score', 'pred_label'" in err and "--column_prefix" in err  # was: silently replaced
+    assert not (tmp_path / "out.parquet").exists()
+
+    rc, _, _ = _run([*argv, "--column_prefix", "pred_"], capsys)
+    assert rc == 0
+    scored = pd.read_parquet(tmp_path / "out.parquet")
+    pd.testing.assert_frame_equal(scored[user.columns], user)  # the user's score and pred_label, untouched
+    assert list(scored.columns[len(user.columns):]) == ["pred_" + c for c in OUTPUT_COLUMNS]
+    assert scored["pred_pred_label"].tolist() == ["E", "E"]
+
+
+def test_jsonl_output_is_strict_json(fixed_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args: FixedReranker([[np.nan] * 4, [0.25] * 4]))
+    stdin = '{"query": "q", "item_text": "a", "weight": Infinity}\n{"query": "q", "item_text": "b", "weight": NaN}\n'
+    rc, out, _ = _run([*fixed_model, "--input", "-"], capsys, stdin, monkeypatch)
+    assert rc == 0
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) for line in out.splitlines()]
+    assert [r["weight"] for r in rows] == [None, None] and rows[0]["p_E"] is None and rows[0]["score"] is None
+    assert rows[1]["p_E"] == 0.25
+
+
+def test_output_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "out.jsonl").mkdir()  # a folder where the output file should go
+    (tmp_path / "in.jsonl").write_text('{"query": "q", "item_text": "a"}\n')
+    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args: pytest.fail("the model loaded first"))
+    rc, _, err = _run(["--base_model", str(tmp_path / "base"), "--input", str(tmp_path / "in.jsonl"),
+                       "--output", str(tmp_path / "out.jsonl")], capsys)
+    assert rc == 2 and "--output" in err and "is a folder" in err
+
+
+def test_output_folder_is_created(fixed_model, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"query": "q", "item_text": "a"}\n')
+    rc, _, _ = _run([*fixed_model, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "new" / "o.csv")], capsys)
+    assert rc == 0 and len(pd.read_csv(tmp_path / "new" / "o.csv")) == 1
+
+
+def test_a_full_disk_at_the_end_keeps_the_results(fixed_model, tmp_path, capsys, monkeypatch):
+    real_write, out_dir = predict_cli.write_output, tmp_path / "out"
+
+    def disk_full_in_out_dir(path, *args):
+        if os.path.dirname(os.path.abspath(path)) == str(out_dir):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, *args)
+
+    monkeypatch.setattr(predict_cli, "write_output", disk_full_in_out_dir)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spare"))
+    os.makedirs(tmp_path / "spare")
+    (tmp_path / "in.jsonl").write_text('{"query": "q", "item_text": "a"}\n{"query": "q", "item_text": "b"}\n')
+    rc, _, err = _run([*fixed_model, "--input", str(tmp_path / "in.jsonl"), "--output", str(out_dir / "s.jsonl")], capsys)
+    assert rc == 2 and "No space left" in err
+    (saved,) = os.listdir(tmp_path / "spare")
+    assert str(tmp_path / "spare" / saved) in err
+    assert [json.loads(line)["item_text"] for line in (tmp_path / "spare" / saved).read_text().splitlines()] == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------

@@ -67,20 +67,24 @@ GOLDEN = {  # (locale, product_id) -> item_text with the default --item_fields
 }
 
 
+def write_release(folder, examples: dict | None = None, products: dict | None = None) -> str:
+    """The fixture release in ``folder``. ``examples`` / ``products``: column -> one value for every row,
+    replacing that column with whatever type pyarrow infers for it (to build files with wrong types)."""
+    os.makedirs(folder, exist_ok=True)
+    for rows, schema, overrides, name in ((EXAMPLES, EXAMPLES_SCHEMA, examples, prepare_esci.EXAMPLES_FILE),
+                                          (PRODUCTS, PRODUCTS_SCHEMA, products, prepare_esci.PRODUCTS_FILE)):
+        table = pa.Table.from_pandas(pd.DataFrame(rows, columns=schema.names), schema=schema, preserve_index=False)
+        for column, value in (overrides or {}).items():
+            table = table.set_column(schema.get_field_index(column), column, pa.array([value] * len(rows)))
+        pq.write_table(table, os.path.join(folder, name))
+    with open(os.path.join(folder, prepare_esci.SOURCES_FILE), "w") as f:
+        f.write("query_id,source\n1,other\n2,negations\n3,behavioral\n4,parse_pattern\n5,nlqec\n")
+    return str(folder)
+
+
 @pytest.fixture
 def esci_dir(tmp_path) -> str:
-    folder = tmp_path / "shopping_queries_dataset"
-    folder.mkdir()
-    examples = pd.DataFrame(EXAMPLES, columns=EXAMPLES_SCHEMA.names)
-    products = pd.DataFrame(PRODUCTS, columns=[
-        "product_id", "product_title", "product_description", "product_bullet_point",
-        "product_brand", "product_color", "product_locale"])
-    pq.write_table(pa.Table.from_pandas(examples, schema=EXAMPLES_SCHEMA, preserve_index=False),
-                   folder / prepare_esci.EXAMPLES_FILE)
-    pq.write_table(pa.Table.from_pandas(products[PRODUCTS_SCHEMA.names], schema=PRODUCTS_SCHEMA, preserve_index=False),
-                   folder / prepare_esci.PRODUCTS_FILE)
-    (folder / prepare_esci.SOURCES_FILE).write_text("query_id,source\n1,other\n2,negations\n3,behavioral\n4,parse_pattern\n5,nlqec\n")
-    return str(folder)
+    return write_release(tmp_path / "shopping_queries_dataset")
 
 
 def run(esci_dir: str, out_dir, *extra: str) -> tuple[int, dict | None]:
@@ -282,3 +286,25 @@ def test_bad_flags_and_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "--max_item_chars" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("column, value, shown", [
+    ("query", 42, "row 0: 42"),            # numeric queries: .str.strip() used to raise AttributeError
+    ("esci_label", 3, "row 0: 3"),         # integer labels: every row used to be dropped as "unknown"
+    ("product_id", 1.5, "row 0: 1.5"),     # float ids: the product join used to raise ArrowTypeError
+])
+def test_wrong_column_types_are_named(tmp_path, capsys, column, value, shown):
+    esci = write_release(tmp_path / "release", examples={column: value})
+    assert run(esci, tmp_path / "out")[0] == 2
+    assert_clean_error(capsys, prepare_esci.EXAMPLES_FILE, f"column '{column}'", shown, "string")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_unwritable_output_dir_is_found_before_any_work(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    # No release at all: the output is checked first, so the message is about --output_dir, not the input.
+    assert run(str(tmp_path / "absent_release"), tmp_path / "a_file" / "out")[0] == 2
+    assert_clean_error(capsys, "--output_dir", "a_file", "not a folder")
+    assert run(str(tmp_path / "absent_release"), tmp_path / "a_file")[0] == 2
+    assert_clean_error(capsys, "--output_dir", "a_file", "is a file")
+

@@ -1,0 +1,183 @@
+"""What every CLI shares: one error path, output checks before the work, strict JSON, and no lost work.
+
+Library code (``reranker.py``, ``esci_dataset.py``) does not import this module: it is for
+the ``main()`` of each script. The user-error type stays :class:`esci_dataset.ESCIDataError`.
+
+    try:
+        check_output_file(args.output, "--output")        # before any slow step
+        ...
+    except ESCIDataError as exc:
+        return cli_error(exc)                              # "error: ..." on stderr, exit code 2
+    ...
+    return save_or_fallback(args.output, write, "--output")  # disk full after the work: keep it elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+
+from esci_dataset import ESCIDataError, atomic_write
+
+USER_ERROR = 2  # exit code for bad input, as argparse uses for bad flags; internal bugs stay tracebacks (1)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written (examples keep their lines), and each flag's default shown.
+
+    Required flags, switches (default False) and unset options (default None) show none:
+    "(default: None)" says nothing the help text does not.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+def cli_error(error: BaseException | str) -> int:
+    """Print ``error: <message>`` as one paragraph on stderr and return the exit code 2."""
+    message = re.sub(r"\s*\n\s*", " ", str(error).strip())  # one paragraph; spaces inside values are kept
+    print(f"error: {message}", file=sys.stderr)
+    return USER_ERROR
+
+
+# ---------------------------------------------------------------------------
+# Output paths, checked before the work
+# ---------------------------------------------------------------------------
+def _nearest_existing(path: str) -> str:
+    """``path`` or its closest ancestor that exists (the folder ``makedirs`` would start from)."""
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _probe_writable(folder: str, flag: str, path: str) -> None:
+    """Create and remove a file in ``folder``: permission bits alone miss root, read-only mounts and ACLs."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ESCIDataError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def _check_creatable_folder(folder: str, flag: str, path: str) -> None:
+    """``folder`` exists or can be made with ``os.makedirs``, and files can be written in it."""
+    existing = _nearest_existing(folder)
+    if not os.path.isdir(existing):
+        raise ESCIDataError(f"{flag} {path}: {existing} is not a folder, so {folder} cannot be created")
+    _probe_writable(existing, flag, path)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Before any work: ``path`` is not a folder, and its folder exists (or can be created) and is writable.
+
+    Creates nothing. Raises :class:`ESCIDataError` naming ``flag`` and ``path``.
+    """
+    if os.path.isdir(path):
+        raise ESCIDataError(f"{flag} {path}: is a folder; give a file path")
+    _check_creatable_folder(os.path.dirname(os.path.abspath(path)), flag, path)
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Before any work: ``path`` is a folder or can be created, and files can be written in it.
+
+    Creates nothing. Raises :class:`ESCIDataError` naming ``flag`` and ``path``.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ESCIDataError(f"{flag} {path}: exists and is a file, not a folder")
+    _check_creatable_folder(os.path.abspath(path), flag, path)
+
+
+# ---------------------------------------------------------------------------
+# Strict JSON
+# ---------------------------------------------------------------------------
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/±inf (and pandas NA/NaT) as None and numpy scalars/arrays as Python types.
+
+    Everything else is left for ``json.dumps``'s ``default``.
+    """
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if type(value).__name__ in ("NAType", "NaTType"):  # pandas missing values, without importing pandas
+        return None
+    return value
+
+
+def dumps_strict(obj: Any, **kwargs) -> str:
+    """``json.dumps`` that never writes ``NaN``/``Infinity`` (they become ``null``); other types via ``str``."""
+    kwargs.setdefault("default", str)  # timestamps, decimals, ...
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def atomic_write_file(path: str, write: Callable[[str], None]) -> None:
+    """``esci_dataset.atomic_write``, after creating ``path``'s folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, write)
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as strict JSON (NaN/±inf -> null), atomically: ``path`` is complete or untouched."""
+    text = dumps_strict(obj, indent=indent, ensure_ascii=False) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write_file(path, write)
+
+
+# ---------------------------------------------------------------------------
+# Keeping finished work when the final write fails
+# ---------------------------------------------------------------------------
+def fallback_path(path: str, fallback_dir: str | None = None) -> str:
+    """A new file in ``fallback_dir`` (default: the system temp folder) with ``path``'s name and extension."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    return os.path.join(fallback_dir or tempfile.gettempdir(), f"{stem}.{uuid.uuid4().hex[:8]}{ext}")
+
+
+def save_or_fallback(path: str, write: Callable[[str], None], flag: str, fallback_dir: str | None = None) -> int:
+    """Write the finished work to ``path`` (``write(tmp)`` writes a whole file, made atomic here).
+
+    Returns 0 on success. If that fails with an OSError (disk full, folder removed
+    meanwhile, ...), writes the same to :func:`fallback_path`, prints both the
+    failure and where the work now is, and returns 2, so hours of scoring are
+    never thrown away for want of disk space.
+    """
+    try:
+        atomic_write_file(path, write)
+        return 0
+    except OSError as exc:
+        first = f"{flag} {path}: writing failed ({exc.strerror or exc})"
+    backup = fallback_path(path, fallback_dir)
+    try:
+        atomic_write_file(backup, write)
+    except OSError as exc:
+        return cli_error(f"{first}; the fallback {backup} failed too ({exc.strerror or exc}), so the results are lost")
+    return cli_error(f"{first}; the results were saved to {backup} instead")

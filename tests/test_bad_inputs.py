@@ -1,0 +1,272 @@
+"""A catalogue of bad inputs: every CLI answers each with exit code 2 and one message naming the value, never a traceback.
+
+Adding a case is one line in CASES. In ``argv`` (split like a shell line) these are filled in:
+
+    {tmp}     the case's own folder, which already holds:
+    {base}    {tmp}/base, an empty "model" folder      {lora}  {tmp}/lora, a folder with adapter_config.json
+    {ok}      {tmp}/ok.jsonl, one good pair line      {file}  {tmp}/a_file, a plain file
+    {esci}    {tmp}/esci, a small valid ESCI release
+    {tiny}    the tiny Qwen3 (session fixture)          {adapter}  a real LoRA folder for it (session fixture)
+
+COMMON[cli] goes in front of ``argv``; argparse keeps the last value of a repeated flag, so a
+case can override it. Model loading is blocked (the cases must fail before it) unless the case
+names {tiny} or {adapter}. ``files`` maps a path in {tmp} to text, bytes, a writer function
+or None (a folder). Cases run in-process; ``stdin`` is decoded as UTF-8 with surrogateescape,
+as Python reads a pipe under the C/POSIX locale (a UTF-8 locale fails earlier, on decoding,
+which tests/test_predict.py covers with a file).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import io
+import json
+import os
+import shlex
+import sys
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cli_utils
+from esci_dataset import ESCIDataError
+from prepare_esci import EXAMPLES_FILE, PRODUCTS_FILE, SOURCES_FILE
+from tests.test_prepare_esci import write_release
+
+
+class Case(NamedTuple):
+    cli: str                          # module whose main(argv) runs: predict, export, prepare_esci, ...
+    argv: str                         # after COMMON[cli]
+    must: tuple[str, ...]             # words the error line must contain: the flag, file, line/row and value
+    stdin: str | bytes | None = None
+    files: dict | None = None         # {tmp}-relative path -> str | bytes | writer(path) | None (folder)
+
+
+COMMON = {
+    "predict": "--base_model {base} --lora_model {lora}",
+    "export": "--base_model {base} --lora_model {lora} --format merged --output_dir {tmp}/out",
+    "prepare_esci": "--esci_dir {esci} --output_dir {tmp}/out",
+}
+
+
+def parquet(**columns) -> Callable[[str], None]:
+    return lambda path: pd.DataFrame(columns).to_parquet(path, index=False)
+
+
+def release(examples: dict | None = None, products: dict | None = None) -> Callable[[str], None]:
+    """The test release with columns replaced by one value of another type (see write_release)."""
+    return lambda path: write_release(path, examples, products)
+
+
+def line(**fields) -> str:
+    return json.dumps(fields) + "\n"
+
+
+HUGE_INT = "9" * 5000  # Python refuses to parse integers of more than 4300 digits (ValueError, not JSONDecodeError)
+DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in the json parser
+
+CASES = {
+    # predict: JSON lines on stdin ---------------------------------------------------------------
+    "predict_not_json": Case("predict", "--input -", ("line 1", "not json"), "not json\n"),
+    "predict_not_an_object": Case("predict", "--input -", ("line 1", "[1, 2]"), "[1, 2]\n"),
+    "predict_null_line": Case("predict", "--input -", ("line 1", "got null"), "null\n"),
+    "predict_query_missing": Case("predict", "--input -", ("line 1", "'query'", "null"), line(item_text="x")),
+    "predict_query_a_number": Case("predict", "--input -", ("line 1", "'query'", ": 5"), line(query=5, item_text="x")),
+    "predict_query_infinite": Case("predict", "--input -", ("'query'", "Infinity"), '{"query": 1e999, "item_text": "x"}\n'),
+    "predict_huge_integer": Case("predict", "--input -", ("line 1", "4300 digits", '"n": 9999'),
+                                 '{"query": "q", "item_text": "x", "n": %s}\n' % HUGE_INT),
+    "predict_deep_nesting": Case("predict", "--input -", ("line 1", "nested too deeply"),
+                                 '{"query": "q", "item_text": "x", "a": %s}\n' % DEEP),
+    "predict_lone_surrogate": Case("predict", "--input -", ("line 1", "\\ud800"), '{"query": "\\ud800", "item_text": "x"}\n'),
+    "predict_items_a_string": Case("predict", "--input -", ("'items'", '"abc"'), line(query="q", items="abc")),
+    "predict_item_a_number": Case("predict", "--input -", ("line 1", "items[1]=3"), line(query="q", items=["a", 3])),
+    "predict_pair_and_request": Case("predict", "--input -", ("line 1", "exactly one"), line(query="q", item_text="x", items=[])),
+    "predict_line_number": Case("predict", "--input -", ("line 3", "'item_text'", '""'), "\n" + line(query="q", item_text="x")
+                                + line(query="q", item_text="")),
+    "predict_stdin_not_utf8": Case("predict", "--input -", ("line 1", "UTF-8", "caf\\udce9"),
+                                   b'{"query": "caf\xe9", "item_text": "x"}\n'),
+    # predict: user columns are never overwritten ------------------------------------------------
+    "predict_user_score_column": Case("predict", "--input {tmp}/in.csv", ("in.csv", "'score'", "--column_prefix"),
+                                      files={"in.csv": "query,item_text,score\nq,x,0.5\n"}),
+    "predict_user_pred_label_field": Case("predict", "--input {tmp}/in.jsonl", ("in.jsonl", "'pred_label'", "--column_prefix"),
+                                          files={"in.jsonl": line(query="q", item_text="x", pred_label="E")}),
+    "predict_user_results_field": Case("predict", "--input -", ("'results'", "--column_prefix"), line(query="q", items=["a"], results=1)),
+    "predict_prefixed_clash": Case("predict", "--input {tmp}/in.parquet --column_prefix pred_", ("'pred_score'",),
+                                   files={"in.parquet": parquet(query=["q"], item_text=["x"], pred_score=[1.0])}),
+    # predict: flags and the output path, checked before the model loads ---------------------------
+    "predict_output_is_a_folder": Case("predict", "--input {ok} --output {tmp}/out.jsonl", ("--output", "out.jsonl", "is a folder"),
+                                       files={"out.jsonl": None}),
+    "predict_output_under_a_file": Case("predict", "--input {ok} --output {file}/o.jsonl", ("--output", "a_file", "not a folder")),
+    "predict_output_mixed_types": Case("predict", "--input {tmp}/in.jsonl --output {tmp}/o.parquet", ("o.parquet", "'a'"),
+                                       files={"in.jsonl": line(query="q", item_text="x", id=1) + line(query="q", item_text="y", id="a")}),
+    "predict_top_k_negative": Case("predict", "--input {ok} --top_k -1", ("--top_k", "-1")),
+    "predict_batch_size_zero": Case("predict", "--input {ok} --batch_size 0", ("--batch_size", "0")),
+    # export: never deletes or mixes with its inputs ------------------------------------------------
+    "export_onto_the_adapter": Case("export", "--output_dir {lora} --overwrite", ("--output_dir", "is the --lora_model", "lora")),
+    "export_into_the_adapter": Case("export", "--output_dir {lora}/export", ("is inside the --lora_model",)),
+    "export_around_the_adapter": Case("export", "--output_dir {tmp} --overwrite", ("contains the --lora_model",)),
+    "export_onto_the_base": Case("export", "--output_dir {base} --overwrite", ("is the --base_model", "base")),
+    "export_onto_a_real_adapter": Case("export", "--base_model {tiny} --lora_model {adapter} --output_dir {adapter} --overwrite",
+                                       ("is the --lora_model",)),
+    "export_overwrite_not_an_export": Case("export", "--overwrite", ("out", "not an earlier export"), files={"out/notes.txt": "mine"}),
+    "export_not_empty": Case("export", "", ("out", "--overwrite"), files={"out/notes.txt": "mine"}),
+    "export_output_is_a_file": Case("export", "--output_dir {file}", ("--output_dir", "a_file", "is a file")),
+    "export_output_under_a_file": Case("export", "--output_dir {file}/out", ("--output_dir", "a_file", "not a folder")),
+    "export_unknown_format": Case("export", "--format onnx", ("--format", "onnx")),
+    # prepare_esci: column types of the release files, and the output folder -------------------------
+    "prepare_product_id_float": Case("prepare_esci", "--esci_dir {tmp}/rel", (PRODUCTS_FILE, "'product_id'", "row 0: 2.5"),
+                                     files={"rel": release(products={"product_id": 2.5})}),
+    "prepare_title_int": Case("prepare_esci", "--esci_dir {tmp}/rel", (PRODUCTS_FILE, "'product_title'", "row 0: 9"),
+                              files={"rel": release(products={"product_title": 9})}),
+    "prepare_version_text": Case("prepare_esci", "--esci_dir {tmp}/rel", (EXAMPLES_FILE, "'large_version'", "row 0: '1'"),
+                                 files={"rel": release(examples={"large_version": "1"})}),
+    "prepare_query_id_text": Case("prepare_esci", "--esci_dir {tmp}/rel", (EXAMPLES_FILE, "'query_id'", "row 0: 'q1'"),
+                                  files={"rel": release(examples={"query_id": "q1"})}),
+    "prepare_locale_all_null": Case("prepare_esci", "--esci_dir {tmp}/rel", (PRODUCTS_FILE, "'product_locale'", "every row is null"),
+                                    files={"rel": release(products={"product_locale": None})}),
+    "prepare_sources_query_id": Case("prepare_esci", "--with_source", (SOURCES_FILE, "'query_id'", "row 1: 'abc'"),
+                                     files={f"esci/{SOURCES_FILE}": "query_id,source\n1,other\nabc,other\n"}),
+    "prepare_output_is_a_file": Case("prepare_esci", "--output_dir {file}", ("--output_dir", "a_file", "is a file")),
+    "prepare_output_under_a_file": Case("prepare_esci", "--output_dir {file}/out", ("--output_dir", "a_file", "not a folder")),
+    "prepare_max_item_chars": Case("prepare_esci", "--max_item_chars 0", ("--max_item_chars", "got 0")),
+}
+
+
+# ---------------------------------------------------------------------------
+# Running one case
+# ---------------------------------------------------------------------------
+def make_case_dir(tmp) -> dict[str, str]:
+    os.makedirs(tmp / "base")
+    os.makedirs(tmp / "lora")
+    (tmp / "lora" / "adapter_config.json").write_text("{}")
+    (tmp / "ok.jsonl").write_text(line(query="q", item_text="x"))
+    (tmp / "a_file").write_text("not a folder")
+    write_release(tmp / "esci")
+    return {"tmp": str(tmp), "base": str(tmp / "base"), "lora": str(tmp / "lora"), "ok": str(tmp / "ok.jsonl"),
+            "file": str(tmp / "a_file"), "esci": str(tmp / "esci")}
+
+
+def write_files(tmp, files: dict) -> None:
+    for name, content in files.items():
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            path.mkdir()
+        elif callable(content):
+            content(str(path))
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+
+
+def no_model(*args, **kwargs):
+    raise RuntimeError("a bad-input case reached model loading; it must fail before")
+
+
+def run_main(cli: str, argv: list[str], stdin, capsys, monkeypatch) -> tuple[int, str]:
+    if stdin is not None:
+        data = stdin if isinstance(stdin, bytes) else stdin.encode("utf-8")
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape"))
+    capsys.readouterr()
+    try:
+        rc = importlib.import_module(cli).main(argv)
+    except SystemExit as exc:  # argparse rejects a flag value
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_exit_2_with_a_message_naming_it(name, tmp_path, capsys, monkeypatch, request):
+    case = CASES[name]
+    paths = make_case_dir(tmp_path)
+    argv_text = f"{COMMON[case.cli]} {case.argv}"
+    if "{tiny}" in argv_text or "{adapter}" in argv_text:
+        paths.update(tiny=request.getfixturevalue("tiny_model_dir"), adapter=request.getfixturevalue("adapter_dir"))
+    else:
+        import transformers
+
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    write_files(tmp_path, case.files or {})
+    argv = [arg.format(**paths) for arg in shlex.split(argv_text)]
+
+    rc, err = run_main(case.cli, argv, case.stdin, capsys, monkeypatch)
+    assert "Traceback" not in err, err[-3000:]
+    assert rc == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]  # the message is one paragraph, last on stderr (after any log lines)
+    assert "error: " in last, err[-3000:]
+    for word in case.must:
+        assert word.format(**paths) in last, (word, last)
+
+
+def test_every_cli_in_the_catalogue_has_a_common_prefix():
+    assert {case.cli for case in CASES.values()} <= set(COMMON)
+
+
+# ---------------------------------------------------------------------------
+# cli_utils
+# ---------------------------------------------------------------------------
+def test_cli_error_prints_one_paragraph_and_returns_2(capsys):
+    assert cli_utils.cli_error(ESCIDataError("a.csv: column 'query'\n  row 1: '  '")) == 2
+    assert capsys.readouterr().err == "error: a.csv: column 'query' row 1: '  '\n"  # spaces in values kept
+
+
+def test_output_checks_name_the_flag_and_create_nothing(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    cli_utils.check_output_file(str(tmp_path / "new" / "deeper" / "o.json"), "--out")  # creatable: fine
+    cli_utils.check_output_dir(str(tmp_path / "new" / "deeper"), "--dir")
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "folder"]  # nothing created, no probe file left
+    bad = [(cli_utils.check_output_file, tmp_path / "folder", "is a folder"),
+           (cli_utils.check_output_file, tmp_path / "a_file" / "o.json", "not a folder"),
+           (cli_utils.check_output_dir, tmp_path / "a_file", "is a file"),
+           (cli_utils.check_output_dir, tmp_path / "a_file" / "sub" / "dir", "not a folder")]
+    for check, path, words in bad:
+        with pytest.raises(ESCIDataError) as exc:
+            check(str(path), "--flag")
+        assert str(exc.value).startswith(f"--flag {path}: ") and words in str(exc.value)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, where even root cannot create files")
+def test_unwritable_folder_is_found_by_writing():
+    with pytest.raises(ESCIDataError, match=r"--out /proc/o\.json: cannot write in /proc"):
+        cli_utils.check_output_file("/proc/o.json", "--out")
+
+
+def test_write_json_is_strict(tmp_path):
+    path = tmp_path / "sub" / "m.json"
+    cli_utils.write_json(str(path), {"nan": float("nan"), "inf": [float("inf"), -np.inf], "np": np.float32("nan"),
+                                     "na": pd.NA, "int": np.int64(3), "ok": 0.5, "arr": np.array([1.0, np.nan])})
+    data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+    assert data == {"nan": None, "inf": [None, None], "np": None, "na": None, "int": 3, "ok": 0.5, "arr": [1.0, None]}
+    assert os.listdir(path.parent) == ["m.json"]
+
+
+def _fails_in(folder: str):
+    """A writer that hits a full disk in ``folder`` and works elsewhere."""
+    def write(tmp: str) -> None:
+        if os.path.dirname(os.path.abspath(tmp)) == os.path.abspath(folder):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with open(tmp, "w") as f:
+            f.write("the results\n")
+    return write
+
+
+def test_save_or_fallback_keeps_the_work(tmp_path, capsys):
+    out, spare = tmp_path / "out", tmp_path / "spare"
+    spare.mkdir()
+    assert cli_utils.save_or_fallback(str(out / "s.jsonl"), _fails_in(str(tmp_path / "elsewhere")), "--output") == 0
+    assert (out / "s.jsonl").read_text() == "the results\n"
+
+    assert cli_utils.save_or_fallback(str(out / "t.jsonl"), _fails_in(str(out)), "--output", str(spare)) == 2
+    (saved,) = os.listdir(spare)
+    assert saved.startswith("t.") and saved.endswith(".jsonl") and (spare / saved).read_text() == "the results\n"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --output ") and "No space left" in err and str(spare / saved) in err
+    assert not (out / "t.jsonl").exists()
+
+    assert cli_utils.save_or_fallback(str(out / "u.jsonl"), _fails_in(str(out)), "--output", str(out)) == 2
+    assert "failed too" in capsys.readouterr().err

@@ -5,10 +5,12 @@ In one process, on the same model and the same pairs, with interleaved repeats:
 * **eval**: ``Reranker.predict_probs`` (what ``eval.py`` runs, default settings) against the
   Qwen3-Reranker transformers example adapted to 4 labels: left padding, batches in input order
   padded to their longest, a full-vocabulary forward, then ``logits[:, -1, label_ids]``;
-* **train**: our training step (length-grouped batches, 4-row head, CE over 4 logits; packed
-  batches when flash-attn + CUDA are available) against a default ``Trainer`` + causal-LM step:
-  random-order batches padded to their longest, the label word appended, and the LM loss over the
-  full vocabulary taken on it. Both train the same LoRA weights with AdamW.
+* **train**: train.py's ``LabelHeadTrainer.training_step`` (each random step cut into length-sorted
+  micro-batches, the shared prefix run once, 4-row head, CE over 4 logits; one packed row when
+  flash-attn + CUDA are available) against a stock ``Trainer.training_step`` on a causal-LM batch:
+  the label word appended, padded to the longest, LM loss over the full vocabulary on it. Both
+  sides see the *same random steps* (same seed, same rows per step) and train the same LoRA
+  weights with AdamW.
 
     python bench.py --model tiny                  # smoke run, seconds
     python bench.py --model qwen3-0.6b            # real shape, random init (no download)
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
 import gc
 import json
 import os
@@ -36,11 +37,10 @@ import numpy as np
 import torch
 
 from demo import build_tiny_model, qwen3_tokenizer_dir
-from esci_dataset import LABELS, PromptEncoder, collate_left_padded, collate_packed, label_token_ids
-from modeling import (apply_lora, attach_label_head, detach_label_head, encode_prefix, label_logits, load_tokenizer,
-                      pick_attn_implementation, resolve_dtype)
+from batching import collate_left_padded
+from esci_dataset import LABELS, PromptEncoder, label_token_ids
+from modeling import apply_lora, attach_label_head, detach_label_head, load_tokenizer, pick_attn_implementation, resolve_dtype
 from reranker import Reranker
-from train import batching_plan
 
 # Qwen3-tokenizer token counts of query + item_text on real ESCI US rows (title, brand, color, bullets).
 ESCI_TOKEN_QUANTILES = [(0.0, 8), (0.05, 19), (0.25, 91), (0.50, 170), (0.75, 268), (0.95, 414), (0.99, 560), (1.0, 700)]
@@ -192,39 +192,46 @@ def naive_batches(token_ids, labels, label_ids, batch_size, pad_id, seed):
 
 
 def our_batches(token_ids, labels, batch_size, seed, collator):
-    """Length-grouped like Trainer's group_by_length: shuffle, sort within mega-batches of 50 batches."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    generator = torch.Generator().manual_seed(seed)
-    order = list(LengthGroupedSampler(batch_size, lengths=[len(t) for t in token_ids], generator=generator))
+    """The same random steps as :func:`naive_batches` (same seed, same rows per step), laid out by train.py's collator."""
+    order = np.random.default_rng(seed).permutation(len(token_ids))
     for start in range(0, len(order), batch_size):
         yield collator([{"input_ids": token_ids[i], "labels": labels[i]} for i in order[start:start + batch_size]])
+
+
+def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str):
+    """``(naive, ours, collator)``: a stock ``Trainer`` and train.py's ``LabelHeadTrainer`` around the same model.
+
+    Each side's step is its Trainer's own ``training_step`` (forward, loss, backward), so the
+    benchmark times the code train.py runs, not a copy of it.
+    """
+    from transformers import Trainer
+
+    import train as train_cli
+
+    args = train_cli.make_parser().parse_args(["--base_model", "-", "--train_file", "-", "--output_dir", workdir,
+                                               "--per_device_train_batch_size", str(batch_size)])
+    targs = train_cli.training_arguments(args, next(model.parameters()).dtype, eval_enabled=False)
+    collator, prefix_ids = train_cli.step_collator(model, tokenizer, encoder, args, n_gpu=1)
+    ours = train_cli.LabelHeadTrainer(model=model, args=targs, data_collator=collator, prefix_ids=prefix_ids)
+    naive = Trainer(model=model, args=targs)
+    for trainer in (naive, ours):
+        trainer.current_gradient_accumulation_steps = 1  # set per step by Trainer.train(), which we do not run
+    return naive, ours, collator, prefix_ids
 
 
 def causal_lm_attn(model) -> str:
     return model.get_base_model().config._attn_implementation
 
 
-def run_epoch(model, batches, step_fn, optimizer, device) -> float:
+def run_epoch(trainer, model, batches, optimizer, device) -> float:
     start = time.perf_counter()
     for batch in batches:
-        loss = step_fn(model, {k: v.to(device) for k, v in batch.items()})
-        loss.backward()
+        trainer.training_step(model, batch)  # moves the batch to the device, forward, loss, backward
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def naive_step(model, batch):
-    return model(**batch).loss
-
-
-def our_step(model, batch, prefix_ids=()):
-    """train.py's loss: the shared prefix once per batch (when the plan uses it), CE over the 4-row head."""
-    prefix_kv = encode_prefix(model, prefix_ids) if prefix_ids else None
-    return torch.nn.functional.cross_entropy(label_logits(model, batch, prefix_kv=prefix_kv).float(), batch["labels"])
 
 
 # ---------------------------------------------------------------------------
@@ -300,23 +307,23 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="q_proj,v_proj")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        collator, prefix_ids = batching_plan(causal_lm_attn(model), tokenizer.pad_token_id, encoder.head_ids)
+        naive_trainer, our_trainer, collator, prefix_ids = bench_trainers(model, tokenizer, encoder,
+                                                                          args.train_batch_size, workdir)
         causal_lm = model.get_base_model()
         naive_t, our_t, naive_m, our_m = [], [], [], []
         def naive_epoch(rep):
             detach_label_head(causal_lm)
             with PeakMemory(device) as mem:
-                naive_t.append(run_epoch(model, naive_batches(token_ids, labels, label_ids, args.train_batch_size,
-                                                              tokenizer.pad_token_id, args.seed + rep),
-                                         naive_step, optimizer, device))
+                naive_t.append(run_epoch(naive_trainer, model, naive_batches(
+                    token_ids, labels, label_ids, args.train_batch_size, tokenizer.pad_token_id, args.seed + rep),
+                    optimizer, device))
             naive_m.append(mem.peak)
 
         def our_epoch(rep):
             attach_label_head(causal_lm, label_ids)
             with PeakMemory(device) as mem:
-                our_t.append(run_epoch(model, our_batches(token_ids, labels, args.train_batch_size, args.seed + rep,
-                                                          collator),
-                                       functools.partial(our_step, prefix_ids=prefix_ids), optimizer, device))
+                our_t.append(run_epoch(our_trainer, model, our_batches(
+                    token_ids, labels, args.train_batch_size, args.seed + rep, collator), optimizer, device))
             our_m.append(mem.peak)
 
         for rep in range(args.repeats):  # alternate which side goes first, so neither always runs warm
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         results["train"] = {"naive_s": naive_t, "ours_s": our_t, "naive_peak_bytes": naive_m, "ours_peak_bytes": our_m,
                             "naive_tokens_per_s": lengths.sum() / n_med, "ours_tokens_per_s": lengths.sum() / o_med,
                             "speedup": n_med / o_med, "speedup_min": min(ratios), "speedup_max": max(ratios),
-                            "peak_memory_ratio": mem_ratio, "packed": collator is collate_packed,
+                            "peak_memory_ratio": mem_ratio, "packed": collator.packed,
                             "shared_prefix_tokens": len(prefix_ids)}
         t = results["train"]
         print(f"\n{'train':<10}{'tokens/s':>12}{'pairs/s':>10}{'median s':>10}{'spread s':>10}{'peak MiB':>10}")

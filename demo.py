@@ -83,30 +83,41 @@ PRODUCTS = {  # product type -> accessories that complement it
 UNRELATED = ["garden hose", "coffee mug", "yoga mat", "dog leash", "scented candle", "baking tray", "desk lamp", "bath towel"]
 COLORS = ["black", "white", "silver", "blue", "red", "green"]
 FEATURES = ["long battery life", "lightweight design", "fast charging", "water resistant", "2 year warranty", "premium build"]
-LABEL_MIX = (("E", 0.40), ("S", 0.25), ("C", 0.15), ("I", 0.20))  # ESCI-like: exact dominates
-
-
-def _item_text(rng: np.random.Generator, title: str, brand: str) -> str:
-    features = ", ".join(rng.choice(FEATURES, size=2, replace=False))
-    return f"Title: {title} Brand: {brand} Color: {rng.choice(COLORS)} Features: {features}"
+BULLETS = ["dishwasher safe", "easy to clean", "made of recycled materials", "gift ready packaging", "fits most homes",
+           "non slip base", "family size", "indoor and outdoor use"]
+LABEL_MIX = (("E", 0.50), ("S", 0.20), ("C", 0.12), ("I", 0.18))  # ESCI-like: exact dominates
 
 
 def _synthetic_item(rng: np.random.Generator, label: str, brand: str, product: str) -> str:
+    """One candidate item; as in real catalogs, each kind has its own wording and typical length.
+
+    E: the queried product itself, a bare listing. S: the same product type under
+    another brand, often a renewed or generic variant, with a colour. C: an
+    accessory "for" the product, with features. I: an unrelated product with a
+    long bullet list.
+    """
     other_brand = rng.choice([b for b in BRANDS if b != brand])
     if label == "E":
-        return _item_text(rng, f"{brand} {product}", brand)
+        return f"Title: {brand} {product} Brand: {brand}"
     if label == "S":
-        return _item_text(rng, f"{other_brand} {product}", other_brand)
+        variant = rng.choice(["(Renewed)", "generic alternative", "compatible model"])
+        return f"Title: {other_brand} {product} {variant} Brand: {other_brand} Color: {rng.choice(COLORS)}"
     if label == "C":
-        return _item_text(rng, f"{rng.choice(PRODUCTS[product])} for {product}", other_brand)
-    return _item_text(rng, str(rng.choice(UNRELATED)), other_brand)
+        features = ", ".join(rng.choice(FEATURES, size=2, replace=False))
+        return (f"Title: {rng.choice(PRODUCTS[product])} for {product} Brand: {other_brand} "
+                f"Color: {rng.choice(COLORS)} Features: {features}")
+    bullets = "; ".join(rng.choice(BULLETS, size=5, replace=False))
+    return (f"Title: {rng.choice(UNRELATED)} Brand: {other_brand} Color: {rng.choice(COLORS)} "
+            f"Features: {', '.join(rng.choice(FEATURES, size=3, replace=False))} Bullets: {bullets}")
 
 
 def synthetic_esci(n_queries: int, items_per_query: int = 8, seed: int = 0, query_id_offset: int = 0) -> pd.DataFrame:
     """Deterministic ESCI-like rows: a branded product query and labelled candidate items.
 
-    E = same brand and product, S = same product from another brand,
-    C = an accessory for the product, I = an unrelated product.
+    E = the same brand and product, S = the same product from another brand
+    (a variant), C = an accessory for the product, I = an unrelated product.
+    Item length grows from E to I, as it often does in real catalogs, so a
+    sampler that groups steps by length sees skewed label mixes.
     """
     rng = np.random.default_rng(seed)
     labels, weights = zip(*LABEL_MIX)

@@ -10,7 +10,7 @@ Prompt (Qwen3-Reranker style; the model's answer is the next token)::
     <|im_start|>system
     {SYSTEM_PROMPT}<|im_end|>
     <|im_start|>user
-    <Instruct>: {INSTRUCT}
+    <Instruct>: {instruction}   (INSTRUCT unless train.py --instruction)
     <Query>: {query}
     <Document>: {item_text}<|im_end|>
     <|im_start|>assistant
@@ -23,13 +23,14 @@ Prompt (Qwen3-Reranker style; the model's answer is the next token)::
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import Dataset
 
 # ---------------------------------------------------------------------------
@@ -41,25 +42,20 @@ LABEL_TO_ID = {label: i for i, label in enumerate(LABELS)}
 # Graded relevance of each class; the ranking score is its expectation (see score_from_probs).
 LABEL_GAIN = {"E": 3.0, "S": 2.0, "C": 1.0, "I": 0.0}
 
-# Bump whenever any prompt text or label-word rule changes: eval.py refuses an
-# adapter trained under a different version instead of silently scoring drift.
-PROMPT_VERSION = "esci-4way-v2"
+# Bump whenever the default prompt text or a label-word rule changes. Adapters store the
+# template they were trained with (reranker_config.json), so a new default never breaks them.
+PROMPT_VERSION = "esci-4way-v3"
 
 # ---------------------------------------------------------------------------
 # Prompt
 # ---------------------------------------------------------------------------
-SYSTEM_PROMPT = (
-    "Judge how well the Document (a product) matches the shopping Query, following the Instruct. "
-    'Answer with exactly one word: "exact", "substitute", "complement" or "irrelevant".'
-)
-INSTRUCT = (
-    "Given a shopping query and a product, answer exact if the product fully matches the query, "
-    "substitute if it is a different product that could replace it, complement if it does not match "
-    "but could be used together with a matching product, or irrelevant otherwise"
-)
-PROMPT_PREFIX = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+# Short on purpose: the template is paid for on every pair that cannot reuse the prefix
+# (packed training, serving engines without prefix caching). 60 Qwen3 tokens in all.
+SYSTEM_PROMPT = 'Judge the Document for the Query. Answer "exact", "substitute", "complement" or "irrelevant".'
+INSTRUCT = "Given a shopping query, classify the product"
+CHAT_HEAD = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
 # The assistant turn is opened with an empty think block, exactly as Qwen3-Reranker does.
-PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+CHAT_TAIL = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 def format_instruction(instruction: str, query: str, doc: str) -> str:
@@ -67,28 +63,73 @@ def format_instruction(instruction: str, query: str, doc: str) -> str:
     return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
 
 
-def render_prompt(query: str, doc: str, instruction: str = INSTRUCT) -> str:
-    """The complete prompt string, up to (not including) the answer token."""
-    return PROMPT_PREFIX + format_instruction(instruction, query, doc) + PROMPT_SUFFIX
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt around its two slots: ``head + " " + query + middle + " " + doc + tail``.
+
+    The space before each slot belongs to the slot: BPE tokenizers attach a leading
+    space to the next word, so ``tok(head) + tok(" " + query) + ...`` equals
+    ``tok(full prompt)``. Adapters store these three strings, so they are scored with
+    the exact prompt they were trained on whatever the default becomes.
+    """
+
+    head: str
+    middle: str
+    tail: str
+
+    def render(self, query: str, doc: str) -> str:
+        """The complete prompt string, up to (not including) the answer token."""
+        return f"{self.head} {query}{self.middle} {doc}{self.tail}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"head": self.head, "middle": self.middle, "tail": self.tail}
+
+    @classmethod
+    def from_dict(cls, value, source: str = "prompt_template") -> "PromptTemplate":
+        if not (isinstance(value, dict) and all(isinstance(value.get(k), str) for k in ("head", "middle", "tail"))):
+            raise ESCIDataError(f"{source}: expected an object with string fields head, middle, tail; got {value!r}"[:300])
+        return cls(value["head"], value["middle"], value["tail"])
 
 
 _QUERY_SLOT, _DOC_SLOT = "\x00QUERY\x00", "\x00DOC\x00"
 
 
-def prompt_pieces(instruction: str = INSTRUCT) -> tuple[str, str, str]:
-    """Split the rendered template around its two slots: ``(head, middle, tail)``.
-
-    Derived from :func:`render_prompt`, so the template still exists once. The
-    space before each slot is moved into the slot (``" " + query``): BPE
-    tokenizers attach a leading space to the following word, which makes
-    ``tok(head) + tok(" " + query) + ...`` equal ``tok(full prompt)``.
-    """
-    text = render_prompt(_QUERY_SLOT, _DOC_SLOT, instruction)
+def build_template(instruction: str = INSTRUCT, system: str = SYSTEM_PROMPT) -> PromptTemplate:
+    """The chat template for an instruction (``train.py --instruction``) and system prompt."""
+    if not instruction.strip():
+        raise ESCIDataError("the instruction is empty; omit --instruction to use the default")
+    text = CHAT_HEAD.format(system=system) + format_instruction(instruction, _QUERY_SLOT, _DOC_SLOT) + CHAT_TAIL
     head, rest = text.split(_QUERY_SLOT)
     middle, tail = rest.split(_DOC_SLOT)
     if not (head.endswith(" ") and middle.endswith(" ")):
         raise AssertionError("the template must put one space before each slot")
-    return head[:-1], middle[:-1], tail
+    return PromptTemplate(head[:-1], middle[:-1], tail)
+
+
+DEFAULT_TEMPLATE = build_template()
+
+# The template of PROMPT_VERSION "esci-4way-v2", kept verbatim: adapters trained with it (before
+# templates were stored with the adapter) must still be scored with the prompt they learned.
+V2_TEMPLATE = PromptTemplate(
+    head="<|im_start|>system\nJudge how well the Document (a product) matches the shopping Query, following the "
+         'Instruct. Answer with exactly one word: "exact", "substitute", "complement" or "irrelevant".<|im_end|>\n'
+         "<|im_start|>user\n<Instruct>: Given a shopping query and a product, answer exact if the product fully "
+         "matches the query, substitute if it is a different product that could replace it, complement if it does "
+         "not match but could be used together with a matching product, or irrelevant otherwise\n<Query>:",
+    middle="\n<Document>:",
+    tail=CHAT_TAIL,
+)
+TEMPLATES_BY_VERSION = {"esci-4way-v2": V2_TEMPLATE, PROMPT_VERSION: DEFAULT_TEMPLATE}
+
+
+def render_prompt(query: str, doc: str, template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
+    """The complete prompt string, up to (not including) the answer token."""
+    return template.render(query, doc)
+
+
+def prompt_pieces(template: PromptTemplate = DEFAULT_TEMPLATE) -> tuple[str, str, str]:
+    """``(head, middle, tail)`` of a template (see :class:`PromptTemplate`)."""
+    return template.head, template.middle, template.tail
 
 
 # ---------------------------------------------------------------------------
@@ -125,6 +166,33 @@ def label_token_ids(tokenizer) -> list[int]:
 # ---------------------------------------------------------------------------
 # Tokenization with truncation that never touches the template
 # ---------------------------------------------------------------------------
+# The least room a prompt leaves for query + item text: below it, items are cut to nothing.
+MIN_TEXT_TOKENS = 32
+
+
+def plain_text_tokenizer(tokenizer):
+    """A copy of a fast tokenizer's backend that knows no added tokens (None for slow tokenizers).
+
+    Added tokens (Qwen3: ``<|im_end|>``, ``<think>``, ``</think>``, ``<tool_call>``, ...) are
+    matched before the BPE model runs; ``split_special_tokens`` only disables the ones
+    flagged special. Without any added tokens, such strings fall through to BPE and come
+    out as ordinary text pieces. Built once per tokenizer object.
+    """
+    cached = getattr(tokenizer, "_plain_text_backend", None)
+    if cached is not None or not getattr(tokenizer, "is_fast", False):
+        return cached
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = []
+    spec["post_processor"] = None
+    plain = Tokenizer.from_str(json.dumps(spec))
+    plain.no_truncation()
+    plain.no_padding()
+    tokenizer._plain_text_backend = plain
+    return plain
+
+
 class PromptEncoder:
     """Turns (query, doc) pairs into prompt token ids of at most ``max_length``.
 
@@ -134,87 +202,59 @@ class PromptEncoder:
     read from the right position.
     """
 
-    def __init__(self, tokenizer, max_length: int = 512, instruction: str = INSTRUCT):
-        head, middle, tail = prompt_pieces(instruction)
+    def __init__(self, tokenizer, max_length: int = 512, template: PromptTemplate = DEFAULT_TEMPLATE):
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        self.tokenizer = tokenizer
-        self.head_ids, self.middle_ids, self.tail_ids = enc(head), enc(middle), enc(tail)
+        self.tokenizer, self.template = tokenizer, template
+        self.head_ids, self.middle_ids, self.tail_ids = enc(template.head), enc(template.middle), enc(template.tail)
         self.fixed_len = len(self.head_ids) + len(self.middle_ids) + len(self.tail_ids)
         self.max_length = max_length
-        if max_length < self.fixed_len + 1:
-            raise ValueError(
-                f"max_length={max_length} is too small: the prompt template alone takes "
-                f"{self.fixed_len} tokens; use at least {self.fixed_len + 16}"
+        if max_length < self.fixed_len + MIN_TEXT_TOKENS:
+            raise ESCIDataError(
+                f"max_length={max_length} is too small: the prompt template alone takes {self.fixed_len} tokens, "
+                f"and the query and item need room too; use at least {self.fixed_len + MIN_TEXT_TOKENS} "
+                "(512 covers almost every ESCI pair)"
             )
+        self._plain = plain_text_tokenizer(tokenizer)
+        self.n_encoded = self.n_items_cut_below_half = 0
+
+    def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of user text (``" " + text``) in which no control or added token can appear.
+
+        ``<|im_end|>``, ``</think>`` and every other added token typed into a query or
+        product text is tokenized as the plain characters it is, so user data can never
+        close the turn, open the answer or plant a label.
+        """
+        texts = [" " + t for t in texts]
+        if self._plain is not None:
+            return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def encode_batch(self, queries: Sequence[str], docs: Sequence[str]) -> list[list[int]]:
         """Token ids for each pair; ``len(ids) <= max_length`` always."""
-        tok = self.tokenizer
-        # split_special_tokens: a "<|im_end|>" typed into a query or product text is text, not a
-        # control token, so user data can never close the turn or inject a fake answer.
-        q_ids = tok([" " + q for q in queries], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        d_ids = tok([" " + d for d in docs], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        q_ids, d_ids = self.encode_text(queries), self.encode_text(docs)
         budget = self.max_length - self.fixed_len
         out = []
         for q, d in zip(q_ids, d_ids):
+            full = len(d)
             if len(q) > budget:
                 q, d = q[:budget], []
             else:
                 d = d[: budget - len(q)]
+            self.n_items_cut_below_half += len(d) < full / 2
             out.append(self.head_ids + q + self.middle_ids + d + self.tail_ids)
+        self.n_encoded += len(out)
         return out
+
+    def truncation_warning(self) -> str | None:
+        """A sentence for the run summary when more than 5% of items lost over half their tokens, else None."""
+        if self.n_encoded and self.n_items_cut_below_half > 0.05 * self.n_encoded:
+            share = self.n_items_cut_below_half / self.n_encoded
+            return (f"{self.n_items_cut_below_half} of {self.n_encoded} items ({share:.0%}) were cut to under half "
+                    f"their length to fit max_length={self.max_length}; consider a larger --max_length")
+        return None
 
     def encode(self, query: str, doc: str) -> list[int]:
         return self.encode_batch([query], [doc])[0]
-
-
-def collate_left_padded(features: list[dict], pad_token_id: int, skip_prefix: int = 0) -> dict[str, torch.Tensor]:
-    """Left-pad a list of ``{"input_ids", ["labels"]}`` into a batch.
-
-    Left padding puts every prompt's last token at position -1, where the head
-    reads. ``position_ids`` count real tokens only, so a pair's result does not
-    depend on how much padding its batch needed. ``skip_prefix`` drops that many
-    leading tokens (a shared prefix whose keys/values are supplied separately).
-    """
-    rows = [f["input_ids"][skip_prefix:] for f in features]
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(features), longest), dtype=torch.long)
-    for row, r in enumerate(rows):
-        n = len(r)
-        ids[row, longest - n:] = torch.as_tensor(r, dtype=torch.long)
-        mask[row, longest - n:] = 1
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-    }
-    if "labels" in features[0]:
-        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
-    return batch
-
-
-def collate_packed(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Pack a list of prompts into one padding-free row ``[1, T]``.
-
-    ``position_ids`` restart at 0 for each prompt, which is how transformers
-    recognises packed sequences (flash-attention varlen on CUDA, a block-diagonal
-    mask with sdpa). ``last_token_mask`` marks where each prompt's answer is read.
-    """
-    ids, positions, last = [], [], []
-    for f in features:
-        n = len(f["input_ids"])
-        ids.extend(f["input_ids"])
-        positions.extend(range(n))
-        last.extend([False] * (n - 1) + [True])
-    batch = {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "last_token_mask": torch.tensor([last], dtype=torch.bool),
-    }
-    if "labels" in features[0]:
-        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
-    return batch
 
 
 class ESCIMultiClassRerankDataset(Dataset):
@@ -224,8 +264,9 @@ class ESCIMultiClassRerankDataset(Dataset):
     up front, in batches (fast tokenizers make this seconds per 100k rows).
     """
 
-    def __init__(self, df: pd.DataFrame, tokenizer, max_length: int = 512, encode_batch_size: int = 4096):
-        encoder = PromptEncoder(tokenizer, max_length)
+    def __init__(self, df: pd.DataFrame, tokenizer, max_length: int = 512, encode_batch_size: int = 4096,
+                 template: PromptTemplate = DEFAULT_TEMPLATE):
+        encoder = self.encoder = PromptEncoder(tokenizer, max_length, template)
         queries, docs = df["query"].tolist(), df["item_text"].tolist()
         self.input_ids: list[np.ndarray] = []
         for start in range(0, len(df), encode_batch_size):

@@ -15,6 +15,10 @@
 Both folders also hold the tokenizer, reranker_config.json and reranker_prompt.json. The
 merge runs in float32 on the CPU; --bf16 only casts the saved weights. The folder appears
 complete or not at all (written to a temp folder, then renamed).
+
+--output_dir may not be, sit inside, or contain --lora_model or --base_model. --overwrite
+replaces only an earlier export (a folder with reranker_prompt.json and no adapter or
+subfolders) and logs what it removed; any other non-empty folder is refused.
 """
 
 from __future__ import annotations
@@ -29,20 +33,10 @@ import uuid
 
 import torch
 
-from esci_dataset import (
-    INSTRUCT,
-    LABEL_GAIN,
-    LABELS,
-    PROMPT_PREFIX,
-    PROMPT_SUFFIX,
-    PROMPT_VERSION,
-    ESCIDataError,
-    format_instruction,
-    label_words,
-    prompt_pieces,
-)
-from modeling import detach_label_head, save_reranker_config
-from reranker import check_model_paths, load_reranker
+from cli_utils import HelpFormatter, check_output_dir, cli_error
+from esci_dataset import LABEL_GAIN, LABELS, PROMPT_VERSION, ESCIDataError, PromptTemplate, label_words
+from modeling import detach_label_head, read_reranker_config, save_reranker_config
+from reranker import check_model_paths, load_reranker, stored_template
 
 logger = logging.getLogger("export")
 
@@ -51,37 +45,35 @@ FORMATS = ("merged", "seq_cls")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--base_model", type=str, required=True, help="the base causal LM the adapter was trained on (folder or hub id)")
     p.add_argument("--lora_model", type=str, required=True, help="LoRA adapter folder written by train.py")
     p.add_argument("--output_dir", type=str, required=True, help="folder to create for the exported model")
     p.add_argument("--format", type=str, required=True, choices=FORMATS,
                    help="merged: standalone causal LM; seq_cls: 4-label sequence classifier for serving engines")
     p.add_argument("--bf16", action="store_true", help="save the weights in bfloat16 (half the size; the merge itself is float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output_dir if it already exists and is not empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output_dir if it holds an earlier export; other non-empty folders are never replaced")
     return p
 
 
 # ---------------------------------------------------------------------------
 # The prompt, written down for code that does not import esci_dataset
 # ---------------------------------------------------------------------------
-def prompt_template() -> str:
+def prompt_template(template: PromptTemplate) -> str:
     """The full prompt with ``{query}`` and ``{document}`` slots, ready for ``str.format`` (literal braces escaped)."""
-    head, middle, tail = prompt_pieces()
     escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
-    return escape(head) + " {query}" + escape(middle) + " {document}" + escape(tail)
+    return escape(template.head) + " {query}" + escape(template.middle) + " {document}" + escape(template.tail)
 
 
-def prompt_spec(tokenizer, label_ids: list[int]) -> dict:
+def prompt_spec(tokenizer, label_ids: list[int], template: PromptTemplate, instruction: str | None) -> dict:
     """Everything a client needs to build the exact prompt and turn the four outputs into a score."""
     return {
         "prompt_version": PROMPT_VERSION,
-        "template": prompt_template(),
-        "prefix": PROMPT_PREFIX,
-        "suffix": PROMPT_SUFFIX,
-        "instruction": INSTRUCT,
-        "user_template": format_instruction("{instruction}", "{query}", "{document}"),
+        "template": prompt_template(template),
+        "prefix": template.head,
+        "suffix": template.tail,
+        "instruction": instruction,
         "labels": list(LABELS),
         "label_words": label_words(tokenizer),
         "label_token_ids": label_ids,
@@ -134,28 +126,77 @@ def seq_cls_from_causal_lm(causal_lm, label_ids: list[int], pad_token_id: int):
     return seq_cls.eval()
 
 
-def save_export(model, tokenizer, label_ids: list[int], base_model: str, folder: str, bf16: bool) -> None:
+def save_export(model, tokenizer, label_ids: list[int], base_model: str, lora_model: str, folder: str, bf16: bool) -> None:
+    """Weights, tokenizer, and the adapter's own prompt (its stored template), so the export scores as trained."""
     if bf16:
         model.to(torch.bfloat16)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    save_reranker_config(folder, tokenizer, base_model)
+    template = stored_template(base_model, lora_model)
+    instruction = (read_reranker_config(lora_model) or {}).get("instruction")
+    save_reranker_config(folder, tokenizer, base_model, template, instruction)
     with open(os.path.join(folder, PROMPT_FILE), "w") as f:
-        json.dump(prompt_spec(tokenizer, label_ids), f, indent=2, ensure_ascii=False)
+        json.dump(prompt_spec(tokenizer, label_ids, template, instruction), f, indent=2, ensure_ascii=False)
 
 
-def publish(tmp_dir: str, output_dir: str) -> None:
-    """Move the finished temp folder onto ``output_dir`` (replacing an old one)."""
+def publish(tmp_dir: str, output_dir: str) -> list[str]:
+    """Move the finished temp folder onto ``output_dir``; returns the names removed from an old one there.
+
+    The old folder is renamed aside first and deleted last, so ``output_dir`` is never half gone.
+    """
+    removed, old = [], None
     if os.path.isdir(output_dir):
-        shutil.rmtree(output_dir)
+        removed = sorted(os.listdir(output_dir))
+        old = f"{tmp_dir}.old"
+        os.rename(output_dir, old)
     os.rename(tmp_dir, output_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ESCIDataError(f"--output_dir {output_dir}: exists and is not a folder")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ESCIDataError(f"--output_dir {output_dir}: exists and is not empty; pass --overwrite to replace it")
+# ---------------------------------------------------------------------------
+# --output_dir: never an input, only ever an earlier export when replaced
+# ---------------------------------------------------------------------------
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_apart_from_inputs(output_dir: str, inputs: dict[str, str]) -> None:
+    """``output_dir`` is not, is not inside, and does not contain any input folder (links resolved).
+
+    ``inputs``: flag -> path; hub ids (no such local folder) are skipped.
+    """
+    out = os.path.realpath(output_dir)
+    for flag, path in inputs.items():
+        if not path or not os.path.isdir(os.path.expanduser(path)):
+            continue
+        real = os.path.realpath(os.path.expanduser(path))
+        relation = "is" if out == real else "is inside" if _within(out, real) else "contains" if _within(real, out) else None
+        if relation:
+            raise ESCIDataError(f"--output_dir {output_dir} {relation} the {flag} folder {path}; the export would "
+                                f"{'mix with' if relation == 'is inside' else 'replace'} its input. Export to a separate folder")
+
+
+def looks_like_export(folder: str) -> bool:
+    """A folder this script wrote: its prompt file and a model config, no adapter, no subfolders."""
+    names = os.listdir(folder)
+    return (PROMPT_FILE in names and "config.json" in names and "adapter_config.json" not in names
+            and not any(os.path.isdir(os.path.join(folder, n)) for n in names))
+
+
+def check_export_target(output_dir: str, overwrite: bool) -> None:
+    """``output_dir`` (or its parent, where the temp folder goes) is writable; a non-empty one is an old export."""
+    check_output_dir(output_dir, "--output_dir")
+    check_output_dir(os.path.dirname(os.path.abspath(output_dir)), "--output_dir")
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    if not overwrite:
+        raise ESCIDataError(f"--output_dir {output_dir}: exists and is not empty; pass --overwrite to replace an "
+                            "earlier export there")
+    if not looks_like_export(output_dir):
+        raise ESCIDataError(f"--output_dir {output_dir}: exists and is not an earlier export (no {PROMPT_FILE}, or it "
+                            "holds an adapter or subfolders), so --overwrite will not delete it; choose a new folder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,29 +206,33 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
     try:
         check_model_paths(args.base_model, args.lora_model)
-        check_output_dir(args.output_dir, args.overwrite)
+        check_apart_from_inputs(args.output_dir, {"--lora_model": args.lora_model, "--base_model": args.base_model})
+        check_export_target(args.output_dir, args.overwrite)
         # 2. Merge the adapter into the base weights --------------------------------
         causal_lm, tokenizer, label_ids = merged_causal_lm(args.base_model, args.lora_model)
     except ESCIDataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error(exc)
     except (OSError, ValueError) as exc:  # unloadable model, or an adapter trained with another prompt
-        print(f"error: cannot load --base_model {args.base_model} with --lora_model {args.lora_model}: {exc}",
-              file=sys.stderr)
-        return 2
+        return cli_error(f"cannot load --base_model {args.base_model} with --lora_model {args.lora_model}: {exc}")
 
     # 3. Build the requested format ------------------------------------------------
     model = causal_lm if args.format == "merged" else seq_cls_from_causal_lm(causal_lm, label_ids, tokenizer.pad_token_id)
 
     # 4. Save into a temp folder next to the target, then rename --------------------
     parent = os.path.dirname(os.path.abspath(args.output_dir))
-    os.makedirs(parent, exist_ok=True)
     tmp_dir = os.path.join(parent, f".{os.path.basename(os.path.abspath(args.output_dir))}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save_export(model, tokenizer, label_ids, args.base_model, tmp_dir, args.bf16)
-        publish(tmp_dir, args.output_dir)
+        os.makedirs(parent, exist_ok=True)
+        save_export(model, tokenizer, label_ids, args.base_model, args.lora_model, tmp_dir, args.bf16)
+        removed = publish(tmp_dir, args.output_dir)
+    except OSError as exc:  # e.g. a full disk: the old folder, if any, is untouched
+        return cli_error(f"--output_dir {args.output_dir}: writing the export failed ({exc.strerror or exc}); "
+                         "nothing was changed there")
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    if removed:
+        logger.warning("--overwrite: removed the earlier export in %s (%d files: %s)", args.output_dir, len(removed),
+                       ", ".join(removed))
     logger.info("exported %s (%s) to %s", type(model).__name__, args.format, args.output_dir)
     return 0
 

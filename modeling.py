@@ -16,15 +16,29 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esci_dataset import LABEL_GAIN, LABELS, PROMPT_VERSION, label_token_ids, label_words
+from esci_dataset import (
+    DEFAULT_TEMPLATE,
+    INSTRUCT,
+    LABEL_GAIN,
+    LABELS,
+    PROMPT_VERSION,
+    TEMPLATES_BY_VERSION,
+    ESCIDataError,
+    PromptTemplate,
+    label_token_ids,
+    label_words,
+)
 
 logger = logging.getLogger(__name__)
+# peft asks a deprecated transformers property on every load; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 LABEL_CONFIG_NAME = "reranker_config.json"
 DEFAULT_LORA_TARGETS = "q_proj,v_proj"
@@ -67,18 +81,18 @@ def detach_label_head(causal_lm: nn.Module) -> nn.Module:
     return causal_lm
 
 
-def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv: "PrefixKV | None" = None) -> torch.Tensor:
+def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=None) -> torch.Tensor:
     """Label logits ``[B, 4]`` (``LABELS`` order) at the last token of each prompt.
 
     ``model`` is a causal LM (or a peft/DDP wrapper of one) with the label head
     attached. ``batch`` is one of:
 
-    * left-padded (``collate_left_padded``): ``input_ids``, ``attention_mask``,
+    * left-padded (``batching.collate_left_padded``): ``input_ids``, ``attention_mask``,
       ``position_ids`` ``[B, L]``; the last position is read;
-    * packed, padding-free (``collate_packed``): ``input_ids``, ``position_ids``
+    * packed, padding-free (``batching.collate_packed``): ``input_ids``, ``position_ids``
       ``[1, T]`` and ``last_token_mask`` ``[1, T]`` marking each prompt's end.
 
-    With ``prefix_kv`` (see :func:`encode_prefix`), a left-padded batch holds only
+    With ``prefix_kv`` (a ``batching.PrefixKV``), a left-padded batch holds only
     what follows the shared prefix, whose keys/values are reused instead of recomputed.
     Extra keys (``labels``) are ignored.
     """
@@ -94,7 +108,7 @@ def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv: "P
             position_ids=batch["position_ids"] + prefix_kv.length,
             logits_to_keep=1,
             use_cache=True,
-            **cache_kwargs(prefix_kv.cache(n_rows)),
+            **prefix_kv.cache_kwargs(n_rows),
         )
         logits = out.logits[:, -1, :]
     else:
@@ -104,50 +118,6 @@ def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv: "P
     if logits.shape[-1] != len(LABELS):
         raise RuntimeError(f"expected {len(LABELS)} label logits, got {logits.shape[-1]}: is the label head attached?")
     return logits
-
-
-class PrefixKV:
-    """Keys/values of a prompt prefix shared by every pair (system turn + instruction).
-
-    Computed once with batch size 1; :meth:`cache` hands each batch its own
-    cache whose rows view the same prefix, so the prefix costs nothing per pair.
-    """
-
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.layers = layers
-        self.length = layers[0][0].shape[-2]
-
-    def cache(self, n_rows: int):
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
-                                            for k, v in self.layers])
-
-    def mask(self, n_rows: int) -> torch.Tensor:
-        device = self.layers[0][0].device
-        return torch.ones((n_rows, self.length), dtype=torch.long, device=device)
-
-
-def encode_prefix(model: nn.Module, prefix_ids: Sequence[int]) -> PrefixKV:
-    """Run the shared prefix once (batch size 1) and keep its per-layer keys/values.
-
-    Under ``torch.inference_mode`` for scoring. In training it runs with autograd:
-    the rows of a batch then all attend to the same prefix keys/values, and their
-    gradients flow back through them once (``expand`` sums them), which equals
-    running the prefix in every row (tested), at a fraction of the tokens.
-    """
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=True)
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
-    return PrefixKV([(layer.keys, layer.values) for layer in cache.layers])
-
-
-def cache_kwargs(cache) -> dict:
-    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; pass it under the name this version uses."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return {"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache}
 
 
 def score_from_probs(probs: torch.Tensor) -> torch.Tensor:
@@ -246,38 +216,69 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
 # ---------------------------------------------------------------------------
 # The label/prompt contract saved next to an adapter
 # ---------------------------------------------------------------------------
-def reranker_config(tokenizer, base_model: str) -> dict:
+def reranker_config(tokenizer, base_model: str, template: PromptTemplate = DEFAULT_TEMPLATE,
+                    instruction: str | None = None) -> dict:
+    """What an adapter was trained with: labels, their token ids, and the exact prompt template."""
     return {
         "prompt_version": PROMPT_VERSION,
         "labels": list(LABELS),
         "label_words": label_words(tokenizer),
         "label_token_ids": label_token_ids(tokenizer),
         "base_model": base_model,
+        "instruction": instruction or INSTRUCT,
+        "prompt_template": template.to_dict(),
     }
 
 
-def save_reranker_config(output_dir: str, tokenizer, base_model: str) -> None:
+def save_reranker_config(output_dir: str, tokenizer, base_model: str, template: PromptTemplate = DEFAULT_TEMPLATE,
+                         instruction: str | None = None) -> None:
     with open(os.path.join(output_dir, LABEL_CONFIG_NAME), "w") as f:
-        json.dump(reranker_config(tokenizer, base_model), f, indent=2)
+        json.dump(reranker_config(tokenizer, base_model, template, instruction), f, indent=2)
+
+
+def read_reranker_config(model_dir: str) -> dict | None:
+    """``reranker_config.json`` of ``model_dir`` (None when there is none); a corrupt one is an ESCIDataError."""
+    path = os.path.join(model_dir, LABEL_CONFIG_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ESCIDataError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ESCIDataError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    return saved
 
 
 def check_reranker_config(model_dir: str, tokenizer, base_model: str | None = None) -> dict | None:
-    """Read ``reranker_config.json`` from ``model_dir`` and refuse prompt or label drift."""
+    """Read ``reranker_config.json`` from ``model_dir`` and refuse label or prompt drift (ESCIDataError)."""
     path = os.path.join(model_dir, LABEL_CONFIG_NAME)
-    if not os.path.exists(path):
+    saved = read_reranker_config(model_dir)
+    if saved is None:
         logger.warning("%s has no %s; assuming the current prompt and labels", model_dir, LABEL_CONFIG_NAME)
         return None
-    with open(path) as f:
-        saved = json.load(f)
-    current = reranker_config(tokenizer, saved.get("base_model", ""))
     if base_model is not None and saved.get("base_model") and os.path.basename(os.path.normpath(saved["base_model"])) \
             != os.path.basename(os.path.normpath(base_model)):
         logger.warning("%s was trained on %s but is being loaded on %s: scores are only meaningful on the same base",
                        model_dir, saved["base_model"], base_model)
-    for key in ("prompt_version", "labels", "label_token_ids"):
+    current = reranker_config(tokenizer, saved.get("base_model", ""))
+    for key in ("labels", "label_token_ids"):
         if saved.get(key) != current[key]:
-            raise ValueError(
-                f"{path}: {key} is {saved.get(key)!r} but this code uses {current[key]!r}; "
-                "the adapter was trained with a different prompt or tokenizer"
-            )
+            raise ESCIDataError(f"{path}: {key} is {saved.get(key)!r} but this code and tokenizer give {current[key]!r}; "
+                                "the adapter was trained with other labels or another tokenizer")
+    template_from_config(saved, path)  # a known prompt, or one stored with the adapter
     return saved
+
+
+def template_from_config(saved: dict | None, source: str = LABEL_CONFIG_NAME) -> PromptTemplate:
+    """The prompt an adapter was trained with: its stored template, else its version's, else today's default."""
+    if saved is None:
+        return DEFAULT_TEMPLATE
+    if "prompt_template" in saved:
+        return PromptTemplate.from_dict(saved["prompt_template"], f"{source}: prompt_template")
+    version = saved.get("prompt_version")
+    if version not in TEMPLATES_BY_VERSION:
+        raise ESCIDataError(f"{source}: prompt_version {version!r} stores no template and is unknown to this code "
+                            f"(known: {', '.join(TEMPLATES_BY_VERSION)}); the adapter was trained with a different prompt")
+    return TEMPLATES_BY_VERSION[version]

@@ -16,17 +16,26 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from esci_dataset import LABELS, ESCIDataError, PromptEncoder, collate_left_padded, label_token_ids
+from batching import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_TOKENS,
+    collate_left_padded,
+    encode_prefix,
+    length_sorted_batches,
+    shared_prefix_len,
+)
+from esci_dataset import DEFAULT_TEMPLATE, LABELS, ESCIDataError, PromptEncoder, PromptTemplate, label_token_ids
 from modeling import (
     LABEL_CONFIG_NAME,
     attach_label_head,
     check_reranker_config,
-    encode_prefix,
     label_logits,
     load_base_model,
     load_tokenizer,
+    read_reranker_config,
     resolve_dtype,
     score_from_probs,
+    template_from_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,9 +95,15 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
     return model, tokenizer
 
 
-DEFAULT_BATCH_SIZE = 64          # most pairs in one forward pass
-DEFAULT_MAX_BATCH_TOKENS = 16384  # most (padded) tokens in one forward pass: bounds memory on long items
-DEFAULT_MAX_PADDING = 0.1         # a batch's rows are within 10% of its longest: padding is < 10% of the work
+def stored_template(base_model: str, lora_model: str | None = None) -> PromptTemplate:
+    """The prompt the adapter (or a merged export) was trained with, from its ``reranker_config.json``.
+
+    An adapter that stores no template gets its prompt version's template; a
+    folder without the file gets today's default.
+    """
+    folder = os.path.expanduser(lora_model or base_model)
+    saved = read_reranker_config(folder) if os.path.isdir(folder) else None
+    return template_from_config(saved, os.path.join(folder, LABEL_CONFIG_NAME))
 
 
 def positive_int(text: str) -> int:
@@ -132,43 +147,6 @@ def reranker_from_args(args) -> "Reranker":
     return Reranker.from_pretrained(args.base_model, args.lora_model, dtype="bf16" if args.bf16 else args.dtype,
                                     max_length=args.max_length, batch_size=args.batch_size,
                                     max_batch_tokens=args.max_batch_tokens or None, no_flash_attn=args.no_flash_attn)
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE,
-                          max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
-                          max_padding: float = DEFAULT_MAX_PADDING) -> list[np.ndarray]:
-    """Indices in batches of similar length, longest first (so an OOM shows up at once).
-
-    A batch holds at most ``batch_size`` rows, at most ``max_batch_tokens`` tokens once
-    padded to its longest row (a single longer row still gets a batch), and only rows
-    at least ``(1 - max_padding)`` as long as its longest, so padding stays under
-    ``max_padding`` of the work even on a small or unevenly spread set. On a large
-    set lengths are dense and batches fill up anyway.
-    """
-    if batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
-        raise ValueError(f"batch_size ({batch_size}) and max_batch_tokens ({max_batch_tokens}) must be positive")
-    lengths = np.asarray(lengths)
-    order = np.argsort(-lengths, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        longest = max(1, int(lengths[order[start]]))
-        rows = batch_size if max_batch_tokens is None else max(1, min(batch_size, max_batch_tokens // longest))
-        stop = min(start + rows, len(order))
-        # Sorted descending, so the rows long enough to join form a prefix of order[start:stop].
-        too_short = np.flatnonzero(lengths[order[start:stop]] < longest * (1.0 - max_padding))
-        stop = start + (int(too_short[0]) if len(too_short) and too_short[0] > 0 else stop - start)
-        batches.append(order[start:stop])
-        start = stop
-    return batches
-
-
-def shared_prefix_len(token_ids: Sequence[Sequence[int]], candidate: Sequence[int]) -> int:
-    """``len(candidate)`` if every sequence starts with it and is longer, else 0."""
-    n = len(candidate)
-    candidate = list(candidate)
-    if n == 0 or not all(len(t) > n and list(t[:n]) == candidate for t in token_ids):
-        return 0
-    return n
 
 
 @torch.inference_mode()
@@ -243,11 +221,12 @@ class Reranker:
     """
 
     def __init__(self, model, tokenizer, max_length: int = 512, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, reuse_prefix: bool = True):
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, reuse_prefix: bool = True,
+                 template: PromptTemplate = DEFAULT_TEMPLATE):
         self.model, self.tokenizer = model, tokenizer
-        self.encoder = PromptEncoder(tokenizer, max_length)
+        self.encoder = PromptEncoder(tokenizer, max_length, template)
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
-        # The system turn + instruction (~100 tokens) is the same for every pair: encode it once.
+        # The system turn + instruction is the same for every pair: encode it once.
         self.prefix_ids = self.encoder.head_ids if reuse_prefix else []
 
     @classmethod
@@ -264,7 +243,8 @@ class Reranker:
         """
         check_model_paths(base_model, lora_model)
         model, tokenizer = load_reranker(base_model, lora_model, resolve_dtype(dtype), no_flash_attn, device)
-        return cls(model, tokenizer, max_length, batch_size, max_batch_tokens)
+        return cls(model, tokenizer, max_length, batch_size, max_batch_tokens,
+                   template=stored_template(base_model, lora_model))
 
     def encode(self, queries: Sequence[str], items: Sequence[str]) -> list[list[int]]:
         """Prompt token ids, exactly as ``ESCIMultiClassRerankDataset`` builds them (truncation included)."""

@@ -100,7 +100,7 @@ def test_train_setup_errors_exit_2_without_traceback(tmp_path, tiny_model_dir, c
     pd.DataFrame(GOOD).to_parquet(tmp_path / "ok.parquet")
     base = ["--base_model", tiny_model_dir, "--train_file", str(tmp_path / "ok.parquet"), "--output_dir", str(tmp_path / "o")]
     cases = [
-        (["--resume_from_checkpoint", str(tmp_path / "checkpoint-15OO")], "not a checkpoint folder"),
+        (["--resume_from_checkpoint", str(tmp_path / "checkpoint-15OO")], "cannot resume from it: folder not found"),
         (["--max_length", "64"], "max_length=64 is too small"),
         (["--lora_target_modules", "no_such_module"], "no_such_module"),
     ]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -146,8 +147,8 @@ def test_prompt_file_template_renders_our_prompt(exports):
         spec = json.load(f)
     query, doc = "usb {c} charger", "Anker 65W {fast} charger"  # braces in values are data, not slots
     assert spec["template"].format(query=query, document=doc) == render_prompt(query, doc)
-    assert spec["prefix"] + spec["user_template"].format(instruction=spec["instruction"], query=query, document=doc) \
-        + spec["suffix"] == render_prompt(query, doc)
+    assert spec["template"].startswith(spec["prefix"]) and spec["template"].endswith(spec["suffix"])
+    assert spec["instruction"] in spec["prefix"]
     assert spec["labels"] == list(LABELS) and spec["label_gain"] == [3.0, 2.0, 1.0, 0.0]
 
 
@@ -216,6 +217,67 @@ def test_bad_arguments_exit_2_without_traceback(tiny_model_dir, adapter_dir, tmp
         err = capsys.readouterr().err
         assert err.strip().splitlines()[-1].startswith("error: ") and must in err and "Traceback" not in err
     assert (full / "keep.txt").exists() and not (tmp_path / "out").exists()
+
+
+def _fake_inputs(tmp_path):
+    """A base folder and an adapter folder (with a checkpoint) as the path checks see them; nothing loads."""
+    base, lora = tmp_path / "runs" / "base", tmp_path / "runs" / "lora"
+    (lora / "checkpoint-10").mkdir(parents=True)
+    base.mkdir()
+    for path, text in {lora / "adapter_config.json": "{}", lora / "adapter_model.safetensors": "weights",
+                       lora / "checkpoint-10" / "trainer_state.json": "{}", base / "config.json": "{}"}.items():
+        path.write_text(text)
+    return base, lora
+
+
+def _tree(folder) -> dict:
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f)).read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.mark.parametrize("target, overwrite, words", [
+    ("runs/lora", True, "is the --lora_model"),       # used to delete the adapter and its checkpoints
+    ("runs/lora_link", True, "is the --lora_model"),  # the same folder through a symlink
+    ("runs", True, "contains the --lora_model"),      # used to delete the adapter's parent folder
+    ("runs/lora/export", False, "is inside the --lora_model"),
+    ("runs/base", True, "is the --base_model"),
+])
+def test_export_never_deletes_or_mixes_with_its_inputs(target, overwrite, words, tmp_path, capsys, monkeypatch):
+    base, lora = _fake_inputs(tmp_path)
+    os.symlink(lora, tmp_path / "runs" / "lora_link")
+    before = _tree(tmp_path / "runs")
+    monkeypatch.setattr(export_cli, "merged_causal_lm", lambda *a: pytest.fail("the model loaded before the checks"))
+    argv = ["--base_model", str(base), "--lora_model", str(lora), "--output_dir", str(tmp_path / target),
+            "--format", "merged", *(["--overwrite"] if overwrite else [])]
+    assert export_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert _tree(tmp_path / "runs") == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_export(tmp_path, capsys, monkeypatch):
+    base, lora = _fake_inputs(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")  # a model folder of the user's, not one of our exports
+    monkeypatch.setattr(export_cli, "merged_causal_lm", lambda *a: pytest.fail("the model loaded before the checks"))
+    argv = ["--base_model", str(base), "--lora_model", str(lora), "--output_dir", str(mine), "--format", "merged", "--overwrite"]
+    assert export_cli.main(argv) == 2
+    assert "not an earlier export" in capsys.readouterr().err and _tree(mine) == {"config.json": "{}"}
+
+
+def test_overwrite_replaces_an_earlier_export_and_says_what_it_removed(exports, tiny_model_dir, adapter_dir, tmp_path, capsys,
+                                                                       caplog):
+    out = tmp_path / "export"
+    shutil.copytree(exports["seq_cls"], out)
+    (out / "stale.bin").write_text("from an older export")
+    argv = ["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--output_dir", str(out), "--format", "merged"]
+    assert export_cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # not without the flag
+    assert export_cli.main([*argv, "--overwrite"]) == 0
+    removed = [r.getMessage() for r in caplog.records if "removed the earlier export" in r.getMessage()]
+    assert len(removed) == 1 and "stale.bin" in removed[0] and str(out) in removed[0]
+    assert not (out / "stale.bin").exists() and json.load(open(out / "config.json"))["architectures"] == ["Qwen3ForCausalLM"]
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # no temp or old folder left beside it
 
 
 def test_help_lists_every_flag(capsys):

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from esci_dataset import PromptEncoder, collate_left_padded, collate_packed, label_token_ids
-from modeling import apply_lora, attach_label_head, encode_prefix, label_logits, load_base_model
+from batching import collate_left_padded, collate_packed, encode_prefix
+from esci_dataset import PromptEncoder, label_token_ids
+from modeling import apply_lora, attach_label_head, label_logits, load_base_model
 from tests.conftest import ROOT
 
 QUERIES = ["usb c charger", "red running shoes for women", "tent", "a very long query " * 12]
@@ -85,18 +86,6 @@ def test_shared_prefix_training_matches_full_prompts_loss_and_lora_gradients(lor
         torch.testing.assert_close(shared_grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
 
 
-def test_batching_plan_choices(qwen3_tokenizer):
-    from train import batching_plan
-
-    prefix = PromptEncoder(qwen3_tokenizer, 512).head_ids
-    collator, ids = batching_plan("flash_attention_2", 0, prefix)
-    assert collator is collate_packed and ids == []
-    collator, ids = batching_plan("flash_attention_2", 0, prefix, n_gpu=2)  # DataParallel cannot split one row
-    assert ids == prefix and collator([{"input_ids": prefix + [5, 6]}])["input_ids"].tolist() == [[5, 6]]
-    collator, ids = batching_plan("sdpa", 0, prefix, gradient_checkpointing=True)
-    assert ids == [] and collator([{"input_ids": prefix + [5]}])["input_ids"].shape[1] == len(prefix) + 1
-
-
 def test_packed_collator_layout():
     batch = collate_packed([{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8, 9], "labels": 3}])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
@@ -126,7 +115,7 @@ def test_bench_smoke_prints_the_three_ratio_lines(tmp_path):
 def test_length_sorted_batches_cover_every_row_once_within_budget_and_padding(n):
     import numpy as np
 
-    from reranker import length_sorted_batches
+    from batching import length_sorted_batches
 
     lengths = np.random.default_rng(n).integers(5, 600, n)
     batches = length_sorted_batches(lengths, batch_size=64, max_batch_tokens=8192, max_padding=0.1)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from esci_dataset import PromptEncoder, collate_left_padded, label_token_ids
+from batching import collate_left_padded
+from esci_dataset import PromptEncoder, label_token_ids
 from modeling import LabelRowsHead, apply_lora, attach_label_head, detach_label_head, label_logits, load_base_model
 from reranker import score_token_ids
 

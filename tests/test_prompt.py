@@ -7,6 +7,9 @@ import pytest
 from esci_dataset import (
     INSTRUCT,
     LABELS,
+    SYSTEM_PROMPT,
+    V2_TEMPLATE,
+    build_template,
     PromptEncoder,
     format_instruction,
     label_token_ids,
@@ -17,9 +20,9 @@ from esci_dataset import (
 
 GOLDEN_PROMPT = textwrap.dedent("""\
     <|im_start|>system
-    Judge how well the Document (a product) matches the shopping Query, following the Instruct. Answer with exactly one word: "exact", "substitute", "complement" or "irrelevant".<|im_end|>
+    Judge the Document for the Query. Answer "exact", "substitute", "complement" or "irrelevant".<|im_end|>
     <|im_start|>user
-    <Instruct>: Given a shopping query and a product, answer exact if the product fully matches the query, substitute if it is a different product that could replace it, complement if it does not match but could be used together with a matching product, or irrelevant otherwise
+    <Instruct>: Given a shopping query, classify the product
     <Query>: usb c charger
     <Document>: Title: Anker 65W USB-C Charger Brand: Anker<|im_end|>
     <|im_start|>assistant
@@ -104,9 +107,9 @@ def test_long_item_truncates_document_only_and_keeps_suffix(qwen3_tokenizer):
 
 
 def test_overlong_query_is_cut_and_document_dropped(qwen3_tokenizer):
-    enc = PromptEncoder(qwen3_tokenizer, 160)
+    enc = PromptEncoder(qwen3_tokenizer, 120)
     ids = enc.encode("word " * 2000, "the document")
-    assert len(ids) == 160
+    assert len(ids) == 120
     assert ids[-len(enc.tail_ids):] == enc.tail_ids
     assert "the document" not in qwen3_tokenizer.decode(ids)
 
@@ -114,11 +117,49 @@ def test_overlong_query_is_cut_and_document_dropped(qwen3_tokenizer):
 def test_max_length_smaller_than_template_is_rejected(qwen3_tokenizer):
     with pytest.raises(ValueError, match="max_length=50 is too small"):
         PromptEncoder(qwen3_tokenizer, 50)
+    fixed = PromptEncoder(qwen3_tokenizer, 512).fixed_len
+    with pytest.raises(ValueError, match=f"use at least {fixed + 32}"):  # room for the query and some item text
+        PromptEncoder(qwen3_tokenizer, fixed + 1)
+    assert PromptEncoder(qwen3_tokenizer, fixed + 32).max_length == fixed + 32
 
 
 def test_labels_order_is_the_contract():
     assert LABELS == ("E", "S", "C", "I")
-    assert "exact" in INSTRUCT and "irrelevant" in INSTRUCT
+    assert all(f'"{word}"' in SYSTEM_PROMPT for word in ("exact", "substitute", "complement", "irrelevant"))
+
+
+def test_default_template_is_at_most_64_tokens(qwen3_tokenizer):
+    enc = PromptEncoder(qwen3_tokenizer, 512)
+    assert enc.fixed_len <= 64, enc.fixed_len
+    assert PromptEncoder(qwen3_tokenizer, 512, V2_TEMPLATE).fixed_len == 118  # the template it replaced
+
+
+def test_v2_template_is_the_old_prompt_verbatim():
+    old = V2_TEMPLATE.render("usb c charger", "Title: Anker")
+    assert old.startswith("<|im_start|>system\nJudge how well the Document (a product) matches the shopping Query")
+    assert "<Instruct>: Given a shopping query and a product, answer exact if" in old
+    assert old.endswith("<Query>: usb c charger\n<Document>: Title: Anker<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_instruction_changes_only_the_instruct_line():
+    custom = build_template("Given a query for spare parts, classify the part")
+    assert custom.render("q", "d") == render_prompt("q", "d").replace(INSTRUCT, "Given a query for spare parts, classify the part")
+    with pytest.raises(ValueError, match="instruction is empty"):
+        build_template("  ")
+
+
+def test_every_added_token_in_user_text_is_plain_text(qwen3_tokenizer):
+    """Not only the special ones: Qwen3's <think>/</think>/<tool_call>... are added but not special."""
+    enc = PromptEncoder(qwen3_tokenizer, 4096)
+    added = qwen3_tokenizer.get_added_vocab()
+    assert {"<think>", "</think>", "<tool_call>", "<|fim_pad|>"} <= set(added)
+    for token in added:
+        query, doc = f"usb {token} charger", f"Title: case {token} exact"
+        ids = enc.encode(query, doc)
+        body = ids[len(enc.head_ids):-len(enc.tail_ids)]
+        assert not set(body) & set(added.values()), token
+        assert ids[-len(enc.tail_ids):] == enc.tail_ids
+        assert qwen3_tokenizer.decode(body) == f" {query}{enc.template.middle} {doc}"
 
 
 def test_special_tokens_in_user_text_stay_text(qwen3_tokenizer):

@@ -1,0 +1,275 @@
+"""How prompts become batches: every batching decision lives here.
+
+* **Scoring** (eval, predict, the API): the rows are sorted by length and cut
+  into batches bounded by rows, padded tokens and padding share
+  (:func:`length_sorted_batches`). Results are scattered back to input order,
+  so the numbers never depend on the batching.
+* **Training**: *which* pairs share an optimizer step is never chosen by
+  length. The Trainer's random sampler draws each step's batch; inside that
+  step :class:`TrainStepCollator` sorts it by length and cuts it into at most a
+  few micro-batches (:func:`plan_micro_batches`), or packs it padding-free under
+  flash-attention. :func:`step_logits` runs the micro-batches and returns the
+  logits in the batch's own order, so the loss is one mean over the step's pairs
+  and its gradient equals the plain padded full-batch gradient (tested).
+  Length-grouped *sampling* is the opposite trade: it skews each step's label mix
+  and can collapse training to the majority class.
+* **Prefix reuse**: the system turn and instruction are the same for every
+  pair. :func:`encode_prefix` runs them once per batch (or once per scoring
+  call) and every row attends to the same keys/values.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------------------
+# Scoring batches
+# ---------------------------------------------------------------------------
+DEFAULT_BATCH_SIZE = 64          # most pairs in one forward pass
+DEFAULT_MAX_BATCH_TOKENS = 16384  # most (padded) tokens in one forward pass: bounds memory on long items
+DEFAULT_MAX_PADDING = 0.1         # a batch's rows are within 10% of its longest: padding is < 10% of the work
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE,
+                          max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+                          max_padding: float = DEFAULT_MAX_PADDING) -> list[np.ndarray]:
+    """Indices in batches of similar length, longest first (so an OOM shows up at once). Scoring only.
+
+    A batch holds at most ``batch_size`` rows, at most ``max_batch_tokens`` tokens once
+    padded to its longest row (a single longer row still gets a batch), and only rows
+    at least ``(1 - max_padding)`` as long as its longest, so padding stays under
+    ``max_padding`` of the work even on a small or unevenly spread set.
+    """
+    if batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
+        raise ValueError(f"batch_size ({batch_size}) and max_batch_tokens ({max_batch_tokens}) must be positive")
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(1, int(lengths[order[start]]))
+        rows = batch_size if max_batch_tokens is None else max(1, min(batch_size, max_batch_tokens // longest))
+        stop = min(start + rows, len(order))
+        # Sorted descending, so the rows long enough to join form a prefix of order[start:stop].
+        too_short = np.flatnonzero(lengths[order[start:stop]] < longest * (1.0 - max_padding))
+        stop = start + (int(too_short[0]) if len(too_short) and too_short[0] > 0 else stop - start)
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
+def shared_prefix_len(token_ids: Sequence[Sequence[int]], candidate: Sequence[int]) -> int:
+    """``len(candidate)`` if every sequence starts with it and is longer, else 0."""
+    n = len(candidate)
+    candidate = list(candidate)
+    if n == 0 or not all(len(t) > n and list(t[:n]) == candidate for t in token_ids):
+        return 0
+    return n
+
+
+# ---------------------------------------------------------------------------
+# Collators
+# ---------------------------------------------------------------------------
+def collate_left_padded(features: list[dict], pad_token_id: int, skip_prefix: int = 0) -> dict[str, torch.Tensor]:
+    """Left-pad a list of ``{"input_ids", ["labels"]}`` into a batch.
+
+    Left padding puts every prompt's last token at position -1, where the head
+    reads. ``position_ids`` count real tokens only, so a pair's result does not
+    depend on how much padding its batch needed. ``skip_prefix`` drops that many
+    leading tokens (a shared prefix whose keys/values are supplied separately).
+    """
+    rows = [f["input_ids"][skip_prefix:] for f in features]
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(features), longest), dtype=torch.long)
+    for row, r in enumerate(rows):
+        n = len(r)
+        ids[row, longest - n:] = torch.as_tensor(r, dtype=torch.long)
+        mask[row, longest - n:] = 1
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+    return batch
+
+
+def collate_packed(features: list[dict], skip_prefix: int = 0) -> dict[str, torch.Tensor]:
+    """Pack a list of prompts into one padding-free row ``[1, T]``.
+
+    ``position_ids`` restart at 0 for each prompt, which is how transformers
+    recognises packed sequences (flash-attention varlen on CUDA, a block-diagonal
+    mask with sdpa). ``last_token_mask`` marks where each prompt's answer is read.
+    ``skip_prefix`` is accepted for symmetry with :func:`collate_left_padded` and
+    must be 0: packed rows carry their own prefix.
+    """
+    if skip_prefix:
+        raise ValueError("packed batches carry their own prefix (skip_prefix must be 0)")
+    ids, positions, last = [], [], []
+    for f in features:
+        n = len(f["input_ids"])
+        ids.extend(f["input_ids"])
+        positions.extend(range(n))
+        last.extend([False] * (n - 1) + [True])
+    batch = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "last_token_mask": torch.tensor([last], dtype=torch.bool),
+    }
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+    return batch
+
+
+# ---------------------------------------------------------------------------
+# Training steps: a random batch, cut into length-sorted micro-batches
+# ---------------------------------------------------------------------------
+DEFAULT_MAX_MICRO_BATCHES = 4  # enough to remove most padding of a random batch; few enough to keep GPU batches wide
+MIN_MICRO_BATCH_SAVING = 0.05  # one more micro-batch must save >= 5% of the step's real tokens in padding
+
+
+def _best_partition_cost(sorted_lengths: np.ndarray, max_groups: int) -> tuple[list[float], list[list[int]]]:
+    """For k = 1..max_groups: the least padded-token cost of cutting ascending lengths into k
+    contiguous groups (a group costs rows x its longest), and where the groups start."""
+    n = len(sorted_lengths)
+    longest = sorted_lengths.astype(np.float64)
+    cost = np.full((max_groups + 1, n + 1), np.inf)  # cost[k, j]: the first j rows in k groups
+    cut = np.zeros((max_groups + 1, n + 1), dtype=np.int64)
+    cost[0, 0] = 0.0
+    for k in range(1, max_groups + 1):
+        for j in range(k, n + 1):
+            starts = np.arange(k - 1, j)  # the last group is rows i..j-1
+            candidates = cost[k - 1, k - 1:j] + (j - starts) * longest[j - 1]
+            best = int(np.argmin(candidates))
+            cost[k, j], cut[k, j] = candidates[best], starts[best]
+    totals, group_starts = [], []
+    for k in range(1, max_groups + 1):
+        bounds, j = [], n
+        for kk in range(k, 0, -1):
+            j = int(cut[kk, j])
+            bounds.append(j)
+        totals.append(float(cost[k, n]))
+        group_starts.append(sorted(bounds))
+    return totals, group_starts
+
+
+def plan_micro_batches(lengths: Sequence[int], max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES,
+                       min_saving: float = MIN_MICRO_BATCH_SAVING) -> list[np.ndarray]:
+    """Cut one step's rows into length-sorted micro-batches that waste the least padding.
+
+    Returns index arrays into ``lengths`` (each row exactly once). The rows of a
+    step are fixed by the sampler; this only decides how they are laid out, so the
+    step's loss and gradient do not change. A further cut is taken only when it
+    saves at least ``min_saving`` of the step's real tokens, since every
+    micro-batch is one more (narrower) forward pass.
+    """
+    lengths = np.asarray(lengths)
+    if len(lengths) == 0:
+        return []
+    order = np.argsort(lengths, kind="stable")
+    max_groups = max(1, min(int(max_micro_batches), len(lengths)))
+    totals, starts = _best_partition_cost(lengths[order], max_groups)
+    chosen = 0
+    for k in range(1, max_groups):
+        if totals[k] < totals[chosen] - min_saving * float(lengths.sum()):
+            chosen = k
+    bounds = starts[chosen] + [len(lengths)]
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+class TrainStepCollator:
+    """Collate one optimizer step's (randomly drawn) features.
+
+    Returns ``{"micro_batches": [batch, ...], "order": LongTensor [B], "labels": LongTensor [B]}``:
+    ``labels`` in the sampler's order, each micro-batch left-padded (or one packed
+    row under flash-attention), and ``order`` the sampler positions of the rows as
+    the micro-batches hold them, so :func:`step_logits` can put them back.
+    ``skip_prefix`` drops the shared prefix, whose keys/values are reused.
+    """
+
+    def __init__(self, pad_token_id: int, skip_prefix: int = 0, max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES,
+                 packed: bool = False):
+        if packed and skip_prefix:
+            raise ValueError("packed steps carry their own prefix")
+        self.pad_token_id, self.skip_prefix = pad_token_id, skip_prefix
+        self.max_micro_batches, self.packed = max_micro_batches, packed
+
+    def __call__(self, features: list[dict]) -> dict:
+        labels = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+        if self.packed:
+            groups = [np.arange(len(features))]
+        else:
+            groups = plan_micro_batches([len(f["input_ids"]) - self.skip_prefix for f in features], self.max_micro_batches)
+        micro_batches = []
+        for idx in groups:
+            rows = [{"input_ids": features[i]["input_ids"]} for i in idx]
+            micro_batches.append(collate_packed(rows) if self.packed
+                                 else collate_left_padded(rows, self.pad_token_id, self.skip_prefix))
+        order = torch.as_tensor(np.concatenate(groups), dtype=torch.long)
+        return {"micro_batches": micro_batches, "order": order, "labels": labels}
+
+
+def step_logits(model: nn.Module, step: dict, prefix_ids: Sequence[int] = (), prefix_model: nn.Module | None = None
+                ) -> torch.Tensor:
+    """Label logits ``[B, 4]`` for a :class:`TrainStepCollator` step, in the step's ``labels`` order.
+
+    ``prefix_ids``: the shared prefix the micro-batches were collated without; it
+    runs once here (through ``prefix_model``, default ``model``) and its
+    keys/values serve every micro-batch, gradients included.
+    """
+    from modeling import label_logits
+
+    prefix_kv = encode_prefix(prefix_model or model, prefix_ids) if len(prefix_ids) else None
+    parts = [label_logits(model, mb, prefix_kv=prefix_kv) for mb in step["micro_batches"]]
+    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+    inverse = torch.empty_like(step["order"])
+    inverse[step["order"]] = torch.arange(len(step["order"]), device=step["order"].device)
+    return logits[inverse]
+
+
+# ---------------------------------------------------------------------------
+# Prefix reuse
+# ---------------------------------------------------------------------------
+class PrefixKV:
+    """Keys/values of a prompt prefix shared by every pair (system turn + instruction).
+
+    Computed once with batch size 1; :meth:`cache_kwargs` hands each batch its own
+    cache whose rows view the same prefix, so the prefix costs nothing per pair.
+    """
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.layers = layers
+        self.length = layers[0][0].shape[-2]
+
+    def cache_kwargs(self, n_rows: int) -> dict:
+        """``{name: cache}`` for the model's forward; transformers renamed ``past_key_values`` to ``cache`` in 5.x."""
+        from transformers import DynamicCache
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
+                                             for k, v in self.layers])
+        return {"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache}
+
+    def mask(self, n_rows: int) -> torch.Tensor:
+        device = self.layers[0][0].device
+        return torch.ones((n_rows, self.length), dtype=torch.long, device=device)
+
+
+def encode_prefix(model: nn.Module, prefix_ids: Sequence[int]) -> PrefixKV:
+    """Run the shared prefix once (batch size 1) and keep its per-layer keys/values.
+
+    Under ``torch.inference_mode`` for scoring. In training it runs with autograd:
+    the rows of a batch then all attend to the same prefix keys/values, and their
+    gradients flow back through them once (``expand`` sums them), which equals
+    running the prefix in every row (tested), at a fraction of the tokens.
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    return PrefixKV([(layer.keys, layer.values) for layer in cache.layers])

@@ -1,0 +1,130 @@
+"""Which checkpoint a run resumes from, and whether an output folder may be (re)used.
+
+A checkpoint is *complete* when every file the Trainer reads to resume is there
+and readable. A run killed while saving, or a full disk, leaves an incomplete
+one: ``latest`` skips it and says so. Our ``run_config.json`` (written by the
+on-save callback) names the run a checkpoint belongs to, so resuming it under
+other model flags is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+from esci_dataset import ESCIDataError
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_NAME = "run_config.json"
+# Flags that decide the weights' shape or meaning: resuming under other values would mix two runs.
+RUN_IDENTITY_FLAGS = ("base_model", "lora_r", "lora_alpha", "lora_target_modules", "instruction")
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """``checkpoint-N`` folders in ``output_dir``, newest (highest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
+             if (m := _CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)]
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        value = json.load(f)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None when it is complete."""
+    try:
+        state = _read_json(os.path.join(folder, "trainer_state.json"))
+        if not isinstance(state.get("global_step"), int):
+            return "trainer_state.json has no global_step"
+        _read_json(os.path.join(folder, "adapter_config.json"))
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
+            if not list(f.keys()):
+                return "adapter_model.safetensors holds no tensors"
+    except FileNotFoundError as exc:
+        return f"{os.path.basename(exc.filename or '?')} is missing"
+    except Exception as exc:  # truncated or corrupt files raise many types
+        return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            return f"{name} is missing or empty"
+    return None
+
+
+def resolve_checkpoint(spec: str | None, output_dir: str) -> str | None:
+    """``None`` (start fresh), a checkpoint folder, or ``latest``: the newest *complete* one in ``output_dir``."""
+    if spec is None:
+        return None
+    if spec != "latest":
+        problem = checkpoint_problem(spec) if os.path.isdir(spec) else "folder not found"
+        if problem:
+            raise ESCIDataError(f"--resume_from_checkpoint {spec}: cannot resume from it: {problem}")
+        return spec
+    folders = checkpoint_folders(output_dir)
+    for folder in folders:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("skipping incomplete checkpoint %s: %s", folder, problem)
+    if folders:
+        raise ESCIDataError(f"--resume_from_checkpoint latest: none of the {len(folders)} checkpoint-* folders in "
+                            f"{output_dir} is complete (see the warnings above); start a fresh run with "
+                            "--overwrite_output_dir")
+    raise ESCIDataError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
+
+
+def run_identity(args_dict: dict) -> dict:
+    """The flags of a run that must not change on resume (paths made absolute)."""
+    ident = {k: args_dict.get(k) for k in RUN_IDENTITY_FLAGS}
+    base = ident.get("base_model")
+    if isinstance(base, str) and os.path.isdir(os.path.expanduser(base)):
+        ident["base_model"] = os.path.realpath(os.path.expanduser(base))
+    return ident
+
+
+def check_resume_matches(checkpoint: str, args_dict: dict) -> None:
+    """Refuse to resume ``checkpoint`` under flags that change the model (exit-2 message naming them)."""
+    path = os.path.join(checkpoint, RUN_CONFIG_NAME)
+    try:
+        saved = run_identity(_read_json(path))
+    except (OSError, ValueError):
+        logger.warning("%s has no readable %s: cannot check that it was trained with the same flags", checkpoint,
+                       RUN_CONFIG_NAME)
+        return
+    current = run_identity(args_dict)
+    differ = [f"--{k} {saved[k]!r} (checkpoint) vs {current[k]!r} (now)" for k in RUN_IDENTITY_FLAGS
+              if k in saved and saved[k] is not None and saved[k] != current[k]]
+    if differ:
+        raise ESCIDataError(f"{checkpoint} was trained with other flags, so resuming would mix two runs: "
+                            + "; ".join(differ) + ". Resume with the checkpoint's flags, or start a fresh run in "
+                            "another --output_dir (or pass --overwrite_output_dir).")
+
+
+def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool, is_main: bool) -> None:
+    """Refuse to start a fresh run among another run's checkpoints, unless ``overwrite`` (which removes them)."""
+    folders = checkpoint_folders(output_dir)
+    if not folders or resuming:
+        return
+    if not overwrite:
+        raise ESCIDataError(f"--output_dir {output_dir} already holds checkpoints of an earlier run "
+                            f"({', '.join(os.path.basename(f) for f in folders[:3])}{', ...' if len(folders) > 3 else ''}). "
+                            "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace "
+                            "it, or choose another --output_dir.")
+    if is_main:
+        for folder in folders:
+            shutil.rmtree(folder)
+        logger.warning("--overwrite_output_dir: removed %d old checkpoint folder(s) from %s", len(folders), output_dir)

@@ -111,13 +111,18 @@ def _synthetic_item(rng: np.random.Generator, label: str, brand: str, product: s
             f"Features: {', '.join(rng.choice(FEATURES, size=3, replace=False))} Bullets: {bullets}")
 
 
-def synthetic_esci(n_queries: int, items_per_query: int = 8, seed: int = 0, query_id_offset: int = 0) -> pd.DataFrame:
+LABEL_NOISE = 0.03  # share of items written like another kind: real annotations disagree too, so no run is perfect
+
+
+def synthetic_esci(n_queries: int, items_per_query: int = 8, seed: int = 0, query_id_offset: int = 0,
+                   label_noise: float = LABEL_NOISE) -> pd.DataFrame:
     """Deterministic ESCI-like rows: a branded product query and labelled candidate items.
 
     E = the same brand and product, S = the same product from another brand
     (a variant), C = an accessory for the product, I = an unrelated product.
     Item length grows from E to I, as it often does in real catalogs, so a
-    sampler that groups steps by length sees skewed label mixes.
+    sampler that groups steps by length sees skewed label mixes. A
+    ``label_noise`` share of items is written like another kind but keeps its label.
     """
     rng = np.random.default_rng(seed)
     labels, weights = zip(*LABEL_MIX)
@@ -126,12 +131,13 @@ def synthetic_esci(n_queries: int, items_per_query: int = 8, seed: int = 0, quer
         brand, product = rng.choice(BRANDS), rng.choice(list(PRODUCTS))
         query = f"{brand.lower()} {product}"
         for j, label in enumerate(rng.choice(labels, size=items_per_query, p=weights)):
+            written_as = rng.choice([k for k in labels if k != label]) if rng.random() < label_noise else label
             rows.append({
                 "query_id": query_id_offset + q,
                 "query": query,
                 "product_id": f"P{query_id_offset + q:05d}-{j:02d}",
                 "product_locale": "us",
-                "item_text": _synthetic_item(rng, str(label), brand, product),
+                "item_text": _synthetic_item(rng, str(written_as), brand, product),
                 "esci_label": str(label),
             })
     return pd.DataFrame(rows)

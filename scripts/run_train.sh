@@ -22,9 +22,10 @@ GRAD_ACCUM="${GRAD_ACCUM:-4}"
 EPOCHS="${EPOCHS:-1}"
 LR="${LR:-1e-4}"
 WARMUP_RATIO="${WARMUP_RATIO:-0.03}"
-BF16="${BF16:-1}"                  # 1: train in bfloat16 (GPU); 0: float32
+DTYPE="${DTYPE:-auto}"             # auto: bf16 on GPUs and CPUs with native bf16, else fp32; or fp32 / bf16
 FLASH_ATTN="${FLASH_ATTN:-1}"      # 0: force sdpa even if flash-attn is installed
 GRAD_CKPT="${GRAD_CKPT:-0}"        # 1: gradient checkpointing (less memory, ~30% slower)
+MAX_MICRO_BATCHES="${MAX_MICRO_BATCHES:-4}"  # each random step is cut into <= N length-sorted micro-batches
 
 # LoRA
 LORA_R="${LORA_R:-16}"
@@ -46,13 +47,14 @@ data_args=(--base_model "$BASE_MODEL" --train_file "$TRAIN_FILE" --output_dir "$
            --max_length "$MAX_LEN" --eval_ratio "$EVAL_RATIO" --seed "$SEED")
 optim_args=(--per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$EVAL_BATCH_SIZE"
             --gradient_accumulation_steps "$GRAD_ACCUM" --num_train_epochs "$EPOCHS"
-            --learning_rate "$LR" --warmup_ratio "$WARMUP_RATIO")
+            --learning_rate "$LR" --warmup_ratio "$WARMUP_RATIO" --dtype "$DTYPE"
+            --max_micro_batches "$MAX_MICRO_BATCHES")
 lora_args=(--lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
            --lora_target_modules "$LORA_TARGETS")
 log_args=(--logging_steps "$LOGGING_STEPS" --save_steps "$SAVE_STEPS" --save_total_limit "$SAVE_TOTAL_LIMIT"
           --report_to "$REPORT_TO" --wandb_run_name "$WANDB_RUN_NAME")
 switches=()
-[ "$BF16" = "1" ] && switches+=(--bf16)
+[ "${BF16:-}" = "1" ] && switches+=(--bf16)   # older spelling of DTYPE=bf16
 [ "$FLASH_ATTN" = "0" ] && switches+=(--no_flash_attn)
 [ "$GRAD_CKPT" = "1" ] && switches+=(--gradient_checkpointing)
 

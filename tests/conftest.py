@@ -63,3 +63,21 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
     tokenizer.save_pretrained(out_dir)
     save_reranker_config(out_dir, tokenizer, tiny_model_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def lora_model(tiny_model_dir, qwen3_tokenizer):
+    """The tiny Qwen3 with the label head and LoRA on every linear layer, B matrices non-zero (so every
+    LoRA weight gets a gradient), fp32. Tests that train it must zero its gradients after use."""
+    import torch
+
+    from esci_dataset import label_token_ids
+    from modeling import apply_lora, attach_label_head, load_base_model
+
+    torch.manual_seed(0)
+    model = apply_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    attach_label_head(model.get_base_model(), label_token_ids(qwen3_tokenizer))
+    return model

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 import train as train_cli
 from batching import TrainStepCollator, collate_left_padded, plan_micro_batches, step_logits
-from esci_dataset import PromptEncoder, label_token_ids
-from modeling import apply_lora, attach_label_head, label_logits, load_base_model
+from esci_dataset import PromptEncoder
+from modeling import label_logits
 
 QUERIES = ["usb c charger", "red running shoes for women", "tent", "a very long query " * 12, "hdmi", "yoga mat"]
 DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red " * 20, "Title: tent", "short",
@@ -38,17 +38,6 @@ def test_plan_is_optimal_on_a_hand_computed_case():
     # lengths 1,1,10,10 in two groups: {1,1},{10,10} costs 2 + 20 = 22, the least of any 2-cut.
     groups = plan_micro_batches([10, 1, 10, 1], max_micro_batches=2, min_saving=0.0)
     assert sorted(sorted(g.tolist()) for g in groups) == [[0, 2], [1, 3]]
-
-
-@pytest.fixture(scope="module")
-def lora_model(tiny_model_dir, qwen3_tokenizer):
-    torch.manual_seed(0)
-    model = apply_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    attach_label_head(model.get_base_model(), label_token_ids(qwen3_tokenizer))
-    return model
 
 
 def _loss_and_grads(model, logits, labels):

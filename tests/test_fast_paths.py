@@ -8,23 +8,12 @@ import pytest
 import torch
 
 from batching import collate_left_padded, collate_packed, encode_prefix
-from esci_dataset import PromptEncoder, label_token_ids
-from modeling import apply_lora, attach_label_head, label_logits, load_base_model
+from esci_dataset import PromptEncoder
+from modeling import label_logits
 from tests.conftest import ROOT
 
 QUERIES = ["usb c charger", "red running shoes for women", "tent", "a very long query " * 12]
 DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red " * 20, "Title: tent", "short"]
-
-
-@pytest.fixture(scope="module")
-def lora_model(tiny_model_dir, qwen3_tokenizer):
-    torch.manual_seed(0)
-    model = apply_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj")
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    attach_label_head(model.get_base_model(), label_token_ids(qwen3_tokenizer))
-    return model
 
 
 def _features(tokenizer, max_length=512):
@@ -94,21 +83,26 @@ def test_packed_collator_layout():
     assert batch["labels"].tolist() == [1, 3]
 
 
-def test_bench_smoke_prints_the_three_ratio_lines(tmp_path):
+def test_bench_smoke_runs_the_real_paths_and_reports_every_ratio(tmp_path):
+    """Timings are never asserted (shared machines); what must hold is that both eval sides compute the same
+    probabilities (fp32, same prompts) and every ratio and breakdown part is reported."""
+    import json
+
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--n_queries", "1",
                            "--items_per_query", "4", "--repeats", "1", "--dtype", "fp32", "--json", str(tmp_path / "b.json")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tail = [line for line in proc.stdout.splitlines() if line.strip()][-3:]
-    for line, name in zip(tail, ("eval_speedup_vs_reference", "train_speedup_vs_naive", "train_peak_memory_ratio")):
-        key, value = line.split(": ")
-        assert key == name and float(value) >= 0
-    import json
-
+    tail = [line.split(": ")[0] for line in proc.stdout.splitlines() if line.strip()][-4:]
+    assert tail == ["eval_speedup_vs_reference", "eval_speedup_vs_same_template_reference",
+                    "train_speedup_vs_naive", "train_peak_memory_ratio"]
     numbers = json.loads((tmp_path / "b.json").read_text())
-    assert numbers["eval"]["max_prob_diff"] < 1e-4  # fp32: the fast path scores like the reference
-    assert numbers["eval"]["speedup"] > 0 and numbers["train"]["speedup"] > 0
+    assert numbers["eval"]["max_prob_diff_same_template"] < 1e-4  # the fast path scores like the reference
+    assert numbers["eval"]["published_prompt_tokens"] > numbers["eval"]["our_prompt_tokens"]  # its template is longer
+    assert set(numbers["eval"]["published_breakdown_s"]) == {"full-vocabulary head", "padding", "template tokens",
+                                                             "floor", "left_to_win"}
+    assert numbers["train"]["shared_prefix_tokens"] > 0 and not numbers["train"]["packed"]  # sdpa on CPU
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("tiny-reranker-bench")]  # the workdir is removed
 
 
 @pytest.mark.parametrize("n", [1, 48, 5000])

@@ -1,0 +1,72 @@
+"""GPU-only checks, skipped on CPU machines (CI). On a GPU box: python -m pytest -q tests/test_gpu.py"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import train as train_cli
+from batching import TrainStepCollator, collate_left_padded, step_logits
+from esci_dataset import PromptEncoder, label_token_ids
+from modeling import apply_lora, attach_label_head, label_logits, load_base_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+flash = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")
+                                and torch.cuda.get_device_capability()[0] >= 8),
+                           reason="needs flash-attn on an Ampere or newer GPU")
+
+QUERIES = ["usb c charger", "red running shoes for women", "tent", "hdmi cable 2m"]
+DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red " * 20, "Title: tent", "Title: cable"]
+
+
+@flash
+def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer):
+    """The packed (varlen) step and the padded step give the same loss and LoRA gradients (bf16 tolerance)."""
+    results = []
+    for attn, packed in (("flash_attention_2", True), ("sdpa", False)):
+        torch.manual_seed(0)
+        model = load_base_model(tiny_model_dir, torch.bfloat16, no_flash_attn=attn == "sdpa").cuda()
+        assert model.config._attn_implementation == attn
+        model = apply_lora(attach_label_head(model, label_token_ids(qwen3_tokenizer)), 4, 8, 0.0, "all-linear")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator(p.device).manual_seed(1))
+        enc = PromptEncoder(qwen3_tokenizer, 512)
+        feats = [{"input_ids": ids, "labels": i % 4} for i, ids in enumerate(enc.encode_batch(QUERIES, DOCS))]
+        step = TrainStepCollator(qwen3_tokenizer.pad_token_id, packed=packed)(feats)
+        step = {"micro_batches": [{k: v.cuda() for k, v in mb.items()} for mb in step["micro_batches"]],
+                "order": step["order"].cuda(), "labels": step["labels"].cuda()}
+        loss = torch.nn.functional.cross_entropy(step_logits(model, step).float(), step["labels"])
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = results
+    assert abs(packed_loss - padded_loss) < 2e-2
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=5e-2, rtol=5e-2)
+
+
+@cuda
+def test_bf16_training_on_gpu_learns(tiny_model_dir, demo_data, tmp_path):
+    out = str(tmp_path / "gpu")
+    assert train_cli.main(["--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", out,
+                           "--max_length", "256", "--per_device_train_batch_size", "16", "--max_steps", "60",
+                           "--learning_rate", "3e-3", "--lora_target_modules", "all-linear", "--dtype", "bf16",
+                           "--eval_ratio", "0.1", "--save_steps", "1000", "--logging_steps", "10"]) == 0
+    with open(os.path.join(out, "train_metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["eval"]["eval_accuracy"] >= 0.9, metrics["eval"]
+
+
+@cuda
+def test_gpu_scores_match_cpu_scores_in_fp32(tiny_model_dir, qwen3_tokenizer):
+    enc = PromptEncoder(qwen3_tokenizer, 512)
+    batch = collate_left_padded([{"input_ids": ids} for ids in enc.encode_batch(QUERIES, DOCS)], qwen3_tokenizer.pad_token_id)
+    probs = []
+    for device in ("cpu", "cuda"):
+        model = attach_label_head(load_base_model(tiny_model_dir, torch.float32, no_flash_attn=True),
+                                  label_token_ids(qwen3_tokenizer)).to(device).eval()
+        with torch.inference_mode():
+            probs.append(torch.softmax(label_logits(model, {k: v.to(device) for k, v in batch.items()}), -1).cpu())
+    torch.testing.assert_close(probs[1], probs[0], atol=1e-4, rtol=0)

@@ -1,13 +1,25 @@
 """Evaluate an ESCI reranker: base model + LoRA adapter, or the base alone as a zero-shot baseline.
 
-Each pair is scored at its last prompt position: softmax over the four
-label-token logits gives P(E), P(S), P(C), P(I), and the ranking score is
-``(3·P(E) + 2·P(S) + 1·P(C)) / 3``. The report (accuracy, micro/macro-F1 beside
-the majority-class baseline, per-class report, confusion matrix, mean score
-per label, ROC-AUC, nDCG per query) is printed and written as JSON.
+Each pair is scored at its last prompt position: softmax over the four label-token logits gives
+P(E), P(S), P(C), P(I) (E exact, S substitute, C complement, I irrelevant), and the ranking score
+is (3·P(E) + 2·P(S) + 1·P(C)) / 3. When train.py --calibrate stored a temperature T with the
+adapter, the logits are divided by T first (--no_temperature: raw logits). T never changes the
+predicted label, but it can reorder items by score; the report shows nDCG with and without it.
+
+The report, printed and written as JSON (--metrics_path):
+  * the three ESCI benchmark tasks (KDD Cup 2022): 1 query-product ranking, mean nDCG per query
+    with gains E 1 / S 0.1 / C 0.01 / I 0; 2 E/S/C/I classification, micro-F1 (and macro-F1);
+    3 substitute identification, S vs not-S from the 4-class prediction, micro-F1;
+  * accuracy and F1 beside the majority-class baseline, per-class report, confusion matrix,
+    mean score per label, ROC-AUC, nDCG and nDCG@10;
+  * calibration of the raw model (ECE over 15 bins of the top-class probability, Brier, NLL), and
+    with a stored temperature the same before -> after it ("calibration" in the JSON);
+  * the worst queries by nDCG and the most confident mistakes.
+PNG plots (confusion matrix, score per true label, ROC, reliability diagram) go next to the JSON.
 
     python eval.py --base_model Qwen/Qwen3-0.6B --lora_model outputs/qwen3-esci-lora \\
         --eval_file data/esci_multiclass_test.parquet --save_scores_path scores.parquet
+    torchrun --nproc_per_node 4 eval.py ...       # each GPU scores a quarter; rank 0 gathers and writes
 """
 
 from __future__ import annotations
@@ -16,23 +28,34 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 import pandas as pd
 
-from esci_dataset import LABEL_TO_ID, ESCIDataError, atomic_write, load_esci_parquet, query_groups
-from metrics import evaluation_report, format_report
-from reranker import PROB_COLUMNS, add_inference_args, positive_int, prediction_columns, reranker_from_args
+import sharding
+from cli_utils import HelpFormatter, check_output_file, cli_error, save_or_fallback, write_json
+from esci_dataset import LABEL_TO_ID, LABELS, ESCIDataError, load_esci_parquet, query_groups
+from metrics import evaluation_report, format_report, mean_ndcg
+from modeling import LABEL_CONFIG_NAME
+from reranker import (
+    PROB_COLUMNS,
+    add_inference_args,
+    check_model_paths,
+    positive_int,
+    prediction_columns,
+    probs_from_logits,
+    reranker_from_args,
+    scores_from_probs,
+    stored_temperature,
+)
 
 logger = logging.getLogger("eval")
-N_MISCLASSIFIED_SHOWN = 5
+N_SHOWN = 5  # worst queries and confident mistakes printed and kept in the JSON
+SCORE_FORMATS = (".parquet", ".csv")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add_inference_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--eval_file", type=str, required=True, help="parquet with query, item_text, esci_label (query_id optional, used for nDCG)")
@@ -43,9 +66,56 @@ def make_parser() -> argparse.ArgumentParser:
                    help="write per-row p_E,p_S,p_C,p_I,score,pred_label (.parquet or .csv by extension), in input order")
     g.add_argument("--metrics_path", type=str, default=None,
                    help="metrics JSON (default: <lora_model>/eval_metrics.json, or ./eval_metrics.json without an adapter)")
+    g.add_argument("--no_plots", action="store_true",
+                   help="do not draw the PNG plots otherwise written next to --metrics_path and named after it "
+                        "(eval_metrics.json -> eval_confusion_matrix.png, eval_score_distribution.png, eval_roc.png, "
+                        "eval_reliability.png)")
     return p
 
 
+# ---------------------------------------------------------------------------
+# Inputs and outputs
+# ---------------------------------------------------------------------------
+def check_outputs(args, metrics_path: str) -> None:
+    """Before the model loads: every output can be written (ESCIDataError naming the flag otherwise)."""
+    check_output_file(metrics_path, "--metrics_path")
+    if args.save_scores_path:
+        if not args.save_scores_path.endswith(SCORE_FORMATS):
+            raise ESCIDataError(f"--save_scores_path {args.save_scores_path}: must end in .parquet or .csv")
+        check_output_file(args.save_scores_path, "--save_scores_path")
+
+
+def load_eval_data(args) -> pd.DataFrame:
+    df = load_esci_parquet(args.eval_file)
+    return df.head(args.max_samples) if args.max_samples is not None else df
+
+
+def adapter_description(args) -> str | None:
+    """The adapter the report names; a merged export (export.py) counts as one. None: zero-shot."""
+    if args.lora_model:
+        return args.lora_model
+    if os.path.isfile(os.path.join(os.path.expanduser(args.base_model), LABEL_CONFIG_NAME)):
+        return f"merged into --base_model {args.base_model} (export.py --format merged)"
+    return None
+
+
+def plot_prefix(metrics_path: str) -> str:
+    """Plot file prefix from the metrics file name: eval_metrics.json -> "eval_", run1.json -> "run1_"."""
+    stem = os.path.splitext(os.path.basename(metrics_path))[0]
+    return stem[: -len("metrics")] if stem.endswith("metrics") else f"{stem}_"
+
+
+def write_table(frame: pd.DataFrame, tmp: str, path: str) -> None:
+    """``frame`` into ``tmp`` in the format of ``path``'s extension (``tmp`` is the atomic write's temp name)."""
+    if path.endswith(".csv"):
+        frame.to_csv(tmp, index=False)
+    else:
+        frame.to_parquet(tmp, index=False)
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
 def scores_frame(df: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
     """Input columns + true label + prediction + probabilities + score, one row per input, input order."""
     out = df.copy()
@@ -57,16 +127,7 @@ def scores_frame(df: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
     return out
 
 
-def write_scores(frame: pd.DataFrame, path: str) -> None:
-    """Write atomically, so an interrupted run never leaves a complete-looking file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".csv"):
-        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
-    else:
-        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
-
-
-def misclassified_examples(frame: pd.DataFrame, n: int = N_MISCLASSIFIED_SHOWN) -> list[dict]:
+def misclassified_examples(frame: pd.DataFrame, n: int = N_SHOWN) -> list[dict]:
     """The ``n`` most confident wrong predictions."""
     wrong = frame[frame["true_label"] != frame["pred_label"]]
     confidence = wrong[list(PROB_COLUMNS)].max(axis=1)
@@ -78,58 +139,158 @@ def misclassified_examples(frame: pd.DataFrame, n: int = N_MISCLASSIFIED_SHOWN) 
     ]
 
 
+def describe_worst_queries(rows: list[dict], df: pd.DataFrame) -> list[dict]:
+    """``metrics.worst_queries`` rows plus the query text and its label counts, so a reader sees why."""
+    keys = query_groups(df).astype(str)
+    out = []
+    for row in rows:
+        mine = df[keys == str(row["query_id"])]
+        counts = mine["esci_label"].value_counts()
+        out.append({**row, "query": mine["query"].iloc[0],
+                    "labels": {label: int(counts.get(label, 0)) for label in LABELS}})
+    return out
+
+
+def temperature_info(args) -> dict:
+    """The stored temperature (None if none), whether scoring applies it, and where it came from."""
+    stored = stored_temperature(args.base_model, args.lora_model)
+    source = os.path.join(args.lora_model or args.base_model, LABEL_CONFIG_NAME) if stored is not None else None
+    return {"value": stored, "applied": stored is not None and not args.no_temperature, "source": source}
+
+
+def build_report(df: pd.DataFrame, logits: np.ndarray, probs: np.ndarray, temperature: dict) -> dict:
+    """The metrics dict for ``probs`` (what was applied), with the raw model's calibration before/after T.
+
+    ``ece``/``brier``/``nll`` describe the raw logits' probabilities; ``calibration`` gives them, and
+    the nDCG, before and after the stored temperature; ranking metrics use the applied score.
+    """
+    y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
+    groups = query_groups(df).to_numpy()
+    raw = probs_from_logits(logits)
+    report = evaluation_report(y_true, raw, scores_from_probs(probs), groups, temperature=temperature["value"],
+                               n_worst=N_SHOWN)
+    report["temperature"] = temperature
+    if temperature["value"] is not None:
+        # A temperature can reorder items: rank once more with the scoring that was NOT applied.
+        not_applied = raw if temperature["applied"] else probs_from_logits(logits, temperature["value"])
+        ndcg_other = mean_ndcg(groups, y_true, scores_from_probs(not_applied))[0]
+        without_t, with_t = (ndcg_other, report["ndcg"]) if temperature["applied"] else (report["ndcg"], ndcg_other)
+        report["calibration"].update(ndcg_before=without_t, ndcg_after=with_t)
+    report["worst_queries"] = describe_worst_queries(report["worst_queries"], df)
+    return report
+
+
+def temperature_line(temperature: dict) -> str:
+    t = temperature
+    if t["value"] is None:
+        return "temperature: none stored, raw logits (train.py --calibrate fits one)"
+    if t["applied"]:
+        return (f"temperature: T={t['value']:.4f} from {t['source']}, applied: P = softmax(logits / T) "
+                "(--no_temperature scores the raw logits)")
+    return f"temperature: T={t['value']:.4f} stored in {t['source']} but not applied (--no_temperature): raw logits"
+
+
+def print_report(report: dict, adapter: str | None) -> None:
+    """format_report's tables, the temperature under the header, then worst queries and confident mistakes."""
+    text = format_report({k: v for k, v in report.items() if k != "worst_queries"}, adapter=adapter)
+    header, _, body = text.partition("\n\n")
+    print("\n\n".join([header + "\n" + temperature_line(report["temperature"]), body]))
+    c = report.get("calibration", {})
+    if c.get("ndcg_before") is not None:
+        print(f"  nDCG without -> with the temperature: {c['ndcg_before']:.4f} -> {c['ndcg_after']:.4f}"
+              " (it can reorder items by score)")
+    if report.get("worst_queries"):
+        print("\nworst queries by nDCG:")
+        for q in report["worst_queries"]:
+            mix = " ".join(f"{label}{n}" for label, n in q["labels"].items())
+            print(f"  nDCG {q['ndcg']:.4f}  {q['n_items']:>4d} items ({mix})  {q['query'][:80]!r}")
+    print("\nmost confident mistakes:")
+    for ex in report["misclassified_examples"]:
+        confidence = max(ex[c] for c in PROB_COLUMNS)
+        print(f"  row {ex['row']}: true {ex['true']} pred {ex['pred']} (p {confidence:.2f}) | {ex['query']!r} | "
+              f"{ex['item_text'][:80]!r}")
+
+
+def logged(what: str, path: str, rc: int) -> int:
+    """``rc`` of a write, logging the path when it succeeded (a failure has printed its own error)."""
+    if rc == 0:
+        logger.info("%s written to %s", what, path)
+    return rc
+
+
+def write_plots(df: pd.DataFrame, logits: np.ndarray, temperature: dict, metrics_path: str) -> int:
+    """The four PNGs next to the metrics JSON: the raw model, with the temperature's reliability beside it."""
+    from plots import plot_eval  # matplotlib loads only when plots are drawn
+
+    y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
+    calibrated = probs_from_logits(logits, temperature["value"]) if temperature["value"] is not None else None
+    folder = os.path.dirname(os.path.abspath(metrics_path))
+    try:
+        paths = plot_eval(y_true, probs_from_logits(logits), folder, plot_prefix(metrics_path), calibrated)
+    except OSError as exc:
+        return cli_error(f"plots: writing into {folder} failed ({exc.strerror or exc}); the metrics were written")
+    logger.info("plots written: %s", ", ".join(paths))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    # 1. Arguments ---------------------------------------------------------------
+    # 1. Arguments, processes, logging (under torchrun only rank 0 logs progress) ------
     args = make_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    shard = sharding.start()  # torchrun: this rank's share of the rows; one process: all of them
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if shard.is_main else logging.WARNING)
     logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
-    if args.save_scores_path and not args.save_scores_path.endswith((".parquet", ".csv")):
-        print(f"error: --save_scores_path {args.save_scores_path!r} must end in .parquet or .csv", file=sys.stderr)
-        return 2
     metrics_path = args.metrics_path or os.path.join(args.lora_model or ".", "eval_metrics.json")
 
-    # 2. Data and model ----------------------------------------------------------------
+    # 2. Checks before the slow steps, then data and model ------------------------------
+    # (errors print on every rank: all ranks see the same input, and a failure on one alone must show)
     try:
-        df = load_esci_parquet(args.eval_file)
-        if args.max_samples is not None:
-            df = df.head(args.max_samples)
-        reranker = reranker_from_args(args)
+        check_model_paths(args.base_model, args.lora_model)
+        check_outputs(args, metrics_path)
+        df = load_eval_data(args)
+        reranker = reranker_from_args(args, device=shard.device)
+        temperature = temperature_info(args)
     except ESCIDataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error(exc)
     except (OSError, ValueError) as exc:
-        print(f"error: cannot load the model (--base_model {args.base_model}, --lora_model {args.lora_model}): {exc}",
-              file=sys.stderr)
-        return 2
-    logger.info("evaluating %d pairs from %s with %s%s", len(df), args.eval_file, args.base_model,
-                f" + {args.lora_model}" if args.lora_model else " (zero-shot, no adapter)")
+        return cli_error(f"cannot load the model (--base_model {args.base_model}, --lora_model {args.lora_model}): {exc}")
+    logger.info("evaluating %d pairs from %s with %s%s on %d process(es); %s", len(df), args.eval_file, args.base_model,
+                f" + {args.lora_model}" if args.lora_model else " (no adapter)", shard.world_size,
+                temperature_line(temperature))
     first = reranker.encode(df["query"].iloc[:1], df["item_text"].iloc[:1])[0]
     logger.info("example prompt (%d tokens, label %s):\n%s", len(first), df["esci_label"].iloc[0],
                 reranker.tokenizer.decode(first))
 
-    # 3. Score (length-sorted batches, last position, 4-way softmax) -------------------
-    probs = reranker.predict_probs(df["query"].tolist(), df["item_text"].tolist(), progress=True)
+    # 3. Score this rank's rows (length-sorted batches, last position); rank 0 gathers in input order
+    mine = reranker.predict_logits(shard.take(df["query"].tolist()), shard.take(df["item_text"].tolist()),
+                                   progress=shard.is_main)
+    logits = shard.gather(mine, len(df))
+    if not shard.is_main:
+        return 0
+    probs = probs_from_logits(logits, reranker.temperature)  # exactly what Reranker and predict.py give
     frame = scores_frame(df, probs)
 
-    # 4. Report ---------------------------------------------------------------------
-    y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
-    report = evaluation_report(y_true, probs, frame["score"].to_numpy(), query_groups(df).to_numpy())
+    # 4. Metrics and the printed report ------------------------------------------------
+    report = build_report(df, logits, probs, temperature)
+    report["adapter"] = adapter_description(args)
     report["misclassified_examples"] = misclassified_examples(frame)
     report["config"] = vars(args)
-    print(format_report(report))
-    print("\nmost confident mistakes:")
-    for ex in report["misclassified_examples"]:
-        print(f"  row {ex['row']}: true {ex['true']} pred {ex['pred']} | {ex['query']!r} | {ex['item_text'][:80]!r}")
+    print_report(report, report["adapter"])
 
-    # 5. Save --------------------------------------------------------------------------
-    os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-    with open(metrics_path, "w") as f:
-        json.dump(report, f, indent=2)
-    logger.info("metrics written to %s", metrics_path)
+    # 5. Write scores, metrics, plots (a write that fails keeps the results in the temp folder) -
+    rc = 0
     if args.save_scores_path:
-        write_scores(frame, args.save_scores_path)
-        logger.info("scores written to %s", args.save_scores_path)
-    return 0
+        path = args.save_scores_path
+        rc = max(rc, logged("scores", path, save_or_fallback(path, lambda tmp: write_table(frame, tmp, path),
+                                                              "--save_scores_path")))
+    rc = max(rc, logged("metrics", metrics_path,
+                        save_or_fallback(metrics_path, lambda tmp: write_json(tmp, report), "--metrics_path")))
+    if not args.no_plots:
+        rc = max(rc, write_plots(df, logits, temperature, metrics_path))
+    return rc
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ Both folders also hold the tokenizer, reranker_config.json and reranker_prompt.j
 merge runs in float32 on the CPU; --bf16 only casts the saved weights. The folder appears
 complete or not at all (written to a temp folder, then renamed).
 
+A temperature T stored with the adapter (train.py --calibrate) comes along, so an export scores
+like eval.py and predict.py: seq_cls folds it into the head (score.weight / T: its logits are
+the raw ones / T, exactly, so engines need plain softmax); merged keeps the raw lm_head and stores
+T in reranker_config.json and reranker_prompt.json ("temperature": divide the four label logits
+by it), which Reranker / predict.py apply when they load the folder.
+
 --output_dir may not be, sit inside, or contain --lora_model or --base_model. --overwrite
 replaces only an earlier export (a folder with reranker_prompt.json and no adapter or
 subfolders) and logs what it removed; any other non-empty folder is refused.
@@ -33,10 +39,10 @@ import uuid
 
 import torch
 
-from cli_utils import HelpFormatter, check_output_dir, cli_error
+from cli_utils import HelpFormatter, check_output_dir, cli_error, write_json
 from esci_dataset import LABEL_GAIN, LABELS, PROMPT_VERSION, ESCIDataError, PromptTemplate, label_words
-from modeling import detach_label_head, read_reranker_config, save_reranker_config
-from reranker import check_model_paths, load_reranker, stored_template
+from modeling import LABEL_CONFIG_NAME, detach_label_head, read_reranker_config, reranker_config
+from reranker import check_model_paths, load_reranker, stored_temperature, stored_template
 
 logger = logging.getLogger("export")
 
@@ -66,8 +72,13 @@ def prompt_template(template: PromptTemplate) -> str:
     return escape(template.head) + " {query}" + escape(template.middle) + " {document}" + escape(template.tail)
 
 
-def prompt_spec(tokenizer, label_ids: list[int], template: PromptTemplate, instruction: str | None) -> dict:
-    """Everything a client needs to build the exact prompt and turn the four outputs into a score."""
+def prompt_spec(tokenizer, label_ids: list[int], template: PromptTemplate, instruction: str | None,
+                temperature: float = 1.0) -> dict:
+    """Everything a client needs to build the exact prompt and turn the four outputs into a score.
+
+    ``temperature``: what the client divides the four outputs by before the softmax (1.0 when none
+    was fitted, or when it is already folded into the weights).
+    """
     return {
         "prompt_version": PROMPT_VERSION,
         "template": prompt_template(template),
@@ -78,7 +89,9 @@ def prompt_spec(tokenizer, label_ids: list[int], template: PromptTemplate, instr
         "label_words": label_words(tokenizer),
         "label_token_ids": label_ids,
         "label_gain": [LABEL_GAIN[label] for label in LABELS],
-        "score": "sum(gain * p) / 3 = (3*p_E + 2*p_S + 1*p_C + 0*p_I) / 3, p = softmax over the 4 outputs",
+        "temperature": temperature,
+        "score": "sum(gain * p) / 3 = (3*p_E + 2*p_S + 1*p_C + 0*p_I) / 3, p = softmax(outputs / temperature) "
+                 "over the 4 outputs",
         "notes": "prompt = template.format(query=query, document=item_text); the tokenizer adds no special "
                  "tokens. Read the output at the LAST prompt token. Training truncated only the document "
                  "to fit max_length; engines do not, so cut long item texts before sending them.",
@@ -99,8 +112,11 @@ def merged_causal_lm(base_model: str, lora_model: str):
 
 
 @torch.no_grad()
-def seq_cls_from_causal_lm(causal_lm, label_ids: list[int], pad_token_id: int):
-    """A ``*ForSequenceClassification`` sharing ``causal_lm``'s body; ``score.weight [4, H]`` = label rows.
+def seq_cls_from_causal_lm(causal_lm, label_ids: list[int], pad_token_id: int, temperature: float = 1.0):
+    """A ``*ForSequenceClassification`` sharing ``causal_lm``'s body; ``score.weight [4, H]`` = label rows / T.
+
+    The logits are linear in ``score.weight`` (no bias), so dividing it by the calibration
+    ``temperature`` gives exactly the raw logits / T: engines serve calibrated probabilities.
 
     transformers pools at the rightmost token that is not ``pad_token_id``
     (``GenericForSequenceClassification``), so ``pad_token_id`` must be the
@@ -122,21 +138,27 @@ def seq_cls_from_causal_lm(causal_lm, label_ids: list[int], pad_token_id: int):
     if missing or unexpected:
         raise RuntimeError(f"decoder weights do not line up: missing {missing}, unexpected {unexpected}")
     # A separate [4, H] copy: the classifier is not tied to the input embedding.
-    seq_cls.score.weight.copy_(causal_lm.get_output_embeddings().weight[label_ids].float())
+    seq_cls.score.weight.copy_(causal_lm.get_output_embeddings().weight[label_ids].float() / temperature)
     return seq_cls.eval()
 
 
-def save_export(model, tokenizer, label_ids: list[int], base_model: str, lora_model: str, folder: str, bf16: bool) -> None:
-    """Weights, tokenizer, and the adapter's own prompt (its stored template), so the export scores as trained."""
+def save_export(model, tokenizer, label_ids: list[int], base_model: str, lora_model: str, folder: str, bf16: bool,
+                temperature: float | None = None, folded: bool = False) -> None:
+    """Weights, tokenizer, the adapter's own prompt (its stored template) and its temperature, so the export
+    scores as the adapter does. ``folded``: the temperature is already in the weights (seq_cls)."""
     if bf16:
         model.to(torch.bfloat16)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     template = stored_template(base_model, lora_model)
     instruction = (read_reranker_config(lora_model) or {}).get("instruction")
-    save_reranker_config(folder, tokenizer, base_model, template, instruction)
-    with open(os.path.join(folder, PROMPT_FILE), "w") as f:
-        json.dump(prompt_spec(tokenizer, label_ids, template, instruction), f, indent=2, ensure_ascii=False)
+    # "temperature" is always what to divide THIS folder's outputs by: nothing is left to apply once folded.
+    to_apply = None if folded else temperature
+    extra = {"temperature_folded_into_score_weight": temperature} if folded and temperature is not None else {}
+    write_json(os.path.join(folder, LABEL_CONFIG_NAME),
+               {**reranker_config(tokenizer, base_model, template, instruction, to_apply), **extra})
+    write_json(os.path.join(folder, PROMPT_FILE),
+               {**prompt_spec(tokenizer, label_ids, template, instruction, to_apply or 1.0), **extra})
 
 
 def publish(tmp_dir: str, output_dir: str) -> list[str]:
@@ -209,21 +231,24 @@ def main(argv: list[str] | None = None) -> int:
         check_apart_from_inputs(args.output_dir, {"--lora_model": args.lora_model, "--base_model": args.base_model})
         check_export_target(args.output_dir, args.overwrite)
         # 2. Merge the adapter into the base weights --------------------------------
+        temperature = stored_temperature(args.base_model, args.lora_model)
         causal_lm, tokenizer, label_ids = merged_causal_lm(args.base_model, args.lora_model)
     except ESCIDataError as exc:
         return cli_error(exc)
     except (OSError, ValueError) as exc:  # unloadable model, or an adapter trained with another prompt
         return cli_error(f"cannot load --base_model {args.base_model} with --lora_model {args.lora_model}: {exc}")
 
-    # 3. Build the requested format ------------------------------------------------
-    model = causal_lm if args.format == "merged" else seq_cls_from_causal_lm(causal_lm, label_ids, tokenizer.pad_token_id)
+    # 3. Build the requested format (seq_cls: the temperature folded into its head) ------
+    folded = args.format == "seq_cls"
+    model = seq_cls_from_causal_lm(causal_lm, label_ids, tokenizer.pad_token_id, temperature or 1.0) if folded \
+        else causal_lm
 
     # 4. Save into a temp folder next to the target, then rename --------------------
     parent = os.path.dirname(os.path.abspath(args.output_dir))
     tmp_dir = os.path.join(parent, f".{os.path.basename(os.path.abspath(args.output_dir))}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         os.makedirs(parent, exist_ok=True)
-        save_export(model, tokenizer, label_ids, args.base_model, args.lora_model, tmp_dir, args.bf16)
+        save_export(model, tokenizer, label_ids, args.base_model, args.lora_model, tmp_dir, args.bf16, temperature, folded)
         removed = publish(tmp_dir, args.output_dir)
     except OSError as exc:  # e.g. a full disk: the old folder, if any, is untouched
         return cli_error(f"--output_dir {args.output_dir}: writing the export failed ({exc.strerror or exc}); "
@@ -233,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if removed:
         logger.warning("--overwrite: removed the earlier export in %s (%d files: %s)", args.output_dir, len(removed),
                        ", ".join(removed))
-    logger.info("exported %s (%s) to %s", type(model).__name__, args.format, args.output_dir)
+    logger.info("exported %s (%s) to %s%s", type(model).__name__, args.format, args.output_dir,
+                "" if temperature is None else f"; temperature {temperature:.4f} "
+                + ("folded into score.weight" if folded else "stored in reranker_config.json and " + PROMPT_FILE))
     return 0
 
 

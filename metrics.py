@@ -174,16 +174,33 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """ECE of the top-class probability: equal-width bins (lo, hi] over [0, 1], weighted by bin count."""
-    probs, y_true = np.asarray(probs, dtype=float), np.asarray(y_true)
-    confidence = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == y_true).astype(float)
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin of ``confidence`` over [0, 1]: (accuracy, mean confidence, count), each ``[n_bins]``.
+
+    Bins are right-closed, ``(lo, hi]`` as in Guo et al. 2017, with 0 going to the first bin.
+    Empty bins have count 0 and NaN accuracy and confidence. The ECE and the reliability
+    diagram (plots.py) both use these bins.
+    """
+    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    # sum over bins of (n_b / N) * |acc_b - conf_b|  ==  sum over bins of |sum(correct - conf)| / N
-    gap = np.bincount(bins, weights=correct - confidence, minlength=n_bins)
-    return float(np.abs(gap).sum() / len(y_true))
+    idx = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):  # empty bins become NaN on purpose
+        accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / count
+        mean_conf = np.bincount(idx, weights=confidence, minlength=n_bins) / count
+    return accuracy, mean_conf, count
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE of the top-class probability: the count-weighted mean over :func:`reliability_bins` of
+    |accuracy - mean confidence|. 0 for no rows."""
+    probs, y_true = np.asarray(probs, dtype=float), np.asarray(y_true)
+    if len(y_true) == 0:
+        return 0.0
+    accuracy, mean_conf, count = reliability_bins(probs.max(axis=1), probs.argmax(axis=1) == y_true, n_bins)
+    filled = count > 0
+    return float((count[filled] * np.abs(accuracy[filled] - mean_conf[filled])).sum() / len(y_true))
 
 
 def brier_score(probs: np.ndarray, y_true: np.ndarray) -> float:

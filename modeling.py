@@ -167,6 +167,44 @@ def resolve_dtype(dtype: "torch.dtype | str | None") -> torch.dtype:
     return DTYPES.get(dtype) or default_dtype()
 
 
+PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin", "training_args.bin")
+
+
+def check_safetensors_only(folder: str, what: str) -> None:
+    """Refuse a folder whose weights exist only as pickles: unpickling can run code. ESCIDataError otherwise."""
+    if not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return
+    pickles = sorted(n for n in names if n in PICKLE_WEIGHT_NAMES[:3] or (n.startswith("pytorch_model-") and n.endswith(".bin")))
+    if pickles:
+        raise ESCIDataError(
+            f"{what} {folder}: holds only pickle weights ({', '.join(pickles)}). Only safetensors are loaded, because "
+            "loading a pickle can run code. In a trusted environment, load it once with transformers (or peft for an "
+            "adapter) and save_pretrained() it to a new folder: safetensors is the default format.")
+
+
+def check_hub_reachable(name: str, what: str, timeout: float = 10.0) -> None:
+    """For a hub id that is not in the local cache, fail in seconds when the hub cannot be reached.
+
+    Without this, an offline machine spends most of a minute in download retries before the
+    same error. Local folders and cached ids are not checked.
+    """
+    if os.path.isdir(os.path.expanduser(name)):
+        return
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str) or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return  # cached, or offline mode (which fails fast by itself)
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except Exception as exc:  # unreachable host, unknown repo, gated repo: all mean "pass a local folder"
+        raise ESCIDataError(f"{what} {name!r} is not a local folder and could not be fetched from the Hugging Face "
+                            f"hub ({type(exc).__name__}); download it where there is network and pass the "
+                            "local folder instead") from None
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -184,7 +222,8 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, no_flash_attn
     if attn == "flash_attention_2" and dtype == torch.float32:
         attn = "sdpa"  # flash-attn kernels only run in fp16/bf16
     logger.info("loading %s (dtype=%s, attn_implementation=%s)", path, dtype, attn)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    check_safetensors_only(path, "base model")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, use_safetensors=True)
 
 
 def parse_target_modules(spec: str) -> str | list[str]:
@@ -216,9 +255,20 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
 # ---------------------------------------------------------------------------
 # The label/prompt contract saved next to an adapter
 # ---------------------------------------------------------------------------
+# Why a stored temperature is applied by default: it never changes the predicted label (the argmax), so
+# tasks 2 and 3 are untouched; it makes the probabilities mean what they say, and the ranking score is an
+# expected gain *under those probabilities*, so it is the calibrated score that estimates what its formula
+# claims. It can reorder items by score: eval.py reports nDCG with and without it, and --no_temperature
+# (eval.py, predict.py) or Reranker(temperature=1.0) scores the raw logits.
+TEMPERATURE_NOTE = ("the four label logits are divided by this before the softmax; fitted on the held-out split by "
+                    "train.py --calibrate. It never changes the predicted label but can reorder items by score; "
+                    "eval.py / predict.py --no_temperature score the raw logits. null: none fitted")
+
+
 def reranker_config(tokenizer, base_model: str, template: PromptTemplate = DEFAULT_TEMPLATE,
-                    instruction: str | None = None) -> dict:
-    """What an adapter was trained with: labels, their token ids, and the exact prompt template."""
+                    instruction: str | None = None, temperature: float | None = None) -> dict:
+    """What an adapter was trained with: labels, their token ids, the exact prompt template, and the
+    calibration temperature (None when none was fitted)."""
     return {
         "prompt_version": PROMPT_VERSION,
         "labels": list(LABELS),
@@ -227,13 +277,15 @@ def reranker_config(tokenizer, base_model: str, template: PromptTemplate = DEFAU
         "base_model": base_model,
         "instruction": instruction or INSTRUCT,
         "prompt_template": template.to_dict(),
+        "temperature": None if temperature is None else float(temperature),
+        "temperature_note": TEMPERATURE_NOTE,
     }
 
 
 def save_reranker_config(output_dir: str, tokenizer, base_model: str, template: PromptTemplate = DEFAULT_TEMPLATE,
-                         instruction: str | None = None) -> None:
+                         instruction: str | None = None, temperature: float | None = None) -> None:
     with open(os.path.join(output_dir, LABEL_CONFIG_NAME), "w") as f:
-        json.dump(reranker_config(tokenizer, base_model, template, instruction), f, indent=2)
+        json.dump(reranker_config(tokenizer, base_model, template, instruction, temperature), f, indent=2)
 
 
 def read_reranker_config(model_dir: str) -> dict | None:
@@ -268,6 +320,7 @@ def check_reranker_config(model_dir: str, tokenizer, base_model: str | None = No
             raise ESCIDataError(f"{path}: {key} is {saved.get(key)!r} but this code and tokenizer give {current[key]!r}; "
                                 "the adapter was trained with other labels or another tokenizer")
     template_from_config(saved, path)  # a known prompt, or one stored with the adapter
+    temperature_from_config(saved, path)
     return saved
 
 
@@ -282,3 +335,17 @@ def template_from_config(saved: dict | None, source: str = LABEL_CONFIG_NAME) ->
         raise ESCIDataError(f"{source}: prompt_version {version!r} stores no template and is unknown to this code "
                             f"(known: {', '.join(TEMPLATES_BY_VERSION)}); the adapter was trained with a different prompt")
     return TEMPLATES_BY_VERSION[version]
+
+
+def temperature_from_config(saved: dict | None, source: str = LABEL_CONFIG_NAME) -> float | None:
+    """The calibration temperature stored with an adapter or merged export; None when there is none.
+
+    Scoring divides the four label logits by it before the softmax. Anything but a positive finite
+    number (or null / no key) is an ESCIDataError naming ``source``.
+    """
+    value = (saved or {}).get("temperature")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ESCIDataError(f"{source}: temperature must be a positive number or null, got {value!r}")
+    return float(value)

@@ -19,12 +19,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from esci_dataset import LABEL_TEXT, LABELS, atomic_write
-from metrics import confusion_matrix, roc_auc
+from metrics import ECE_BINS, confusion_matrix, expected_calibration_error, reliability_bins, roc_auc
 from reranker import scores_from_probs
 
 DPI = 100  # 4.5 x 3.6 in at 100 dpi -> 450 x 360 px: readable in a README, tens of KB as PNG
 PANEL = (4.5, 3.6)
-RELIABILITY_BINS = 15  # equal-width bins, the usual choice for ECE (Guo et al., 2017)
 # One colour per label in every figure, so E is the same green in the histogram and the legend.
 LABEL_COLORS = {"E": "tab:green", "S": "tab:blue", "C": "tab:orange", "I": "tab:gray"}
 
@@ -43,31 +42,6 @@ def top_class(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nda
     """(confidence, correct): the top-class probability ``[N]`` and whether the argmax is the true label ``[N]``."""
     probs = np.asarray(probs, dtype=float)
     return probs.max(axis=1), probs.argmax(axis=1) == np.asarray(y_true)
-
-
-def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = RELIABILITY_BINS
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per equal-width bin of ``confidence`` over [0, 1]: (accuracy, mean confidence, count), each ``[n_bins]``.
-
-    Bins are right-closed, ``(k/n, (k+1)/n]``, with 0 going to the first bin. Empty
-    bins have count 0 and NaN accuracy and confidence.
-    """
-    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
-    idx = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):  # empty bins become NaN on purpose
-        accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / count
-        mean_conf = np.bincount(idx, weights=confidence, minlength=n_bins) / count
-    return accuracy, mean_conf, count
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = RELIABILITY_BINS) -> float:
-    """ECE: the count-weighted mean over bins of |accuracy - mean confidence|. 0 for no examples."""
-    accuracy, mean_conf, count = reliability_bins(confidence, correct, n_bins)
-    filled = count > 0
-    if not filled.any():
-        return 0.0
-    return float((count[filled] * np.abs(accuracy[filled] - mean_conf[filled])).sum() / count.sum())
 
 
 def roc_points(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,15 +147,14 @@ def _reliability_figure(y_true: np.ndarray, probs: np.ndarray, calibrated_probs:
     fig = Figure(figsize=(PANEL[0], PANEL[1] * 1.25), layout="constrained")
     ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
     ax.plot([0, 1], [0, 1], linestyle="--", color="lightgray", linewidth=1, label="perfect calibration")
-    edges = np.linspace(0.0, 1.0, RELIABILITY_BINS + 1)
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
     series = [("model", probs, "tab:blue")]
     if calibrated_probs is not None:
         series.append(("after temperature", calibrated_probs, "tab:red"))
     eces = []
     for name, p, color in series:
-        confidence, correct = top_class(y_true, p)
-        accuracy, mean_conf, count = reliability_bins(confidence, correct)
-        ece = expected_calibration_error(confidence, correct)
+        accuracy, mean_conf, count = reliability_bins(*top_class(y_true, p))  # the bins the ECE uses
+        ece = expected_calibration_error(p, y_true)
         eces.append(f"{ece:.3f}")
         filled = count > 0
         # Accuracy is drawn at each bin's mean confidence, so the gap to the diagonal is the bin's error.
@@ -189,7 +162,7 @@ def _reliability_figure(y_true: np.ndarray, probs: np.ndarray, calibrated_probs:
                 label=f"{name} (ECE {ece:.3f})")
         ax_count.stairs(count, edges, color=color, fill=len(series) == 1, alpha=0.6)
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
-           title=f"reliability of top-class probability\nECE {' -> '.join(eces)} ({RELIABILITY_BINS} bins)")
+           title=f"reliability of top-class probability\nECE {' -> '.join(eces)} ({ECE_BINS} bins)")
     ax.legend(fontsize=7, loc="upper left")
     ax_count.set(xlabel="confidence (top-class probability)", ylabel="count")
     return fig

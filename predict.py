@@ -21,6 +21,10 @@ PREFIX + name. JSON output is strict: NaN and infinities become null.
 Bad input (a blank or non-text query/item, a line that is not a JSON object) is an error,
 exit 2, checked with --output before the model loads. Files are written atomically; if the
 final write fails (a full disk), the results go to the system temp folder and the error says where.
+
+A temperature stored with the adapter (train.py --calibrate) divides the label logits before the
+softmax; --no_temperature scores the raw logits. Several GPUs: torchrun --nproc_per_node N predict.py
+... --input FILE: each rank scores its share of the pairs, rank 0 writes them in input order.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+import sharding
 from cli_utils import HelpFormatter, check_output_file, cli_error, dumps_strict, save_or_fallback
 from esci_dataset import ESCIDataError, read_table, require_columns, validate_text_column
 from reranker import (
@@ -286,9 +291,11 @@ def write_output(path: str, ext: str, df: pd.DataFrame | None, records: list[dic
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
-def read_input(args) -> tuple[pd.DataFrame | None, list[dict] | None]:
+def read_input(args, world_size: int = 1) -> tuple[pd.DataFrame | None, list[dict] | None]:
     """``(table, None)`` for .parquet/.csv, ``(None, records)`` for JSON lines (file or stdin)."""
     if args.input == "-":
+        if world_size > 1:
+            raise ESCIDataError("--input -: torchrun processes cannot share stdin; write the pairs to a file")
         return None, parse_jsonl(sys.stdin, "<stdin>")
     if extension(args.input, "--input") == ".jsonl":
         return None, read_jsonl_file(args.input)
@@ -319,9 +326,11 @@ def check_output_fits(args, records: list[dict] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # 1. Arguments and logging (stderr only: stdout may carry the JSON lines) -----
+    # 1. Arguments, processes, logging (stderr only: stdout may carry the JSON lines) -----
     args = make_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
+    shard = sharding.start()  # torchrun: this rank's share of the pairs; one process: all of them
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        level=logging.INFO if shard.is_main else logging.WARNING)
     logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
     if args.top_k is not None and args.top_k < 0:
         return cli_error(f"--top_k must be >= 0, got {args.top_k}")
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         # 2. Input and output checks, before the (slow) model load ------------
         check_model_paths(args.base_model, args.lora_model)
         check_output_path(args)
-        df, records = read_input(args)
+        df, records = read_input(args, shard.world_size)
         check_output_fits(args, records)
         check_no_clash(df, records, args.column_prefix, "<stdin>" if args.input == "-" else args.input)
     except ESCIDataError as exc:
@@ -342,17 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     reranker = None
     if queries:
         try:
-            reranker = reranker_from_args(args)
+            reranker = reranker_from_args(args, device=shard.device)
         except (OSError, ValueError) as exc:  # missing/unloadable model, or an adapter with a different prompt
             return cli_error(f"cannot load the reranker (--base_model {args.base_model}, --lora_model {args.lora_model}): "
                              f"{exc}")
 
-    # 4. Score (length-sorted batches; output keeps input order) ---------------
+    # 4. Score this rank's pairs (length-sorted batches); rank 0 gathers them in input order ----
     if reranker is None:
         logger.warning("%s has no pairs; writing an empty output", args.input)
         probs = np.zeros((0, len(PROB_COLUMNS)))
     else:
-        probs = reranker.predict_probs(queries, items, progress=args.input != "-")  # tqdm on stderr for files
+        mine = reranker.predict_probs(shard.take(queries), shard.take(items),
+                                      progress=shard.is_main and args.input != "-")  # tqdm on stderr for files
+        probs = shard.gather(mine, len(queries))
+    if not shard.is_main:
+        return 0
     df, records = with_predictions(df, records, probs, args.top_k, args.column_prefix)
 
     # 5. Write (if the file cannot be written now, the results go to a fallback file) -------

@@ -3,12 +3,15 @@
 ``eval.py``, ``predict.py`` and the :class:`Reranker` API all end in
 :func:`score_token_ids`, so the same pair gets the same numbers wherever it is
 scored: prompts built by ``esci_dataset.PromptEncoder``, left-padded,
-length-sorted batches, softmax over the four label logits.
+length-sorted batches, softmax over the four label logits divided by the
+calibration temperature stored with the model (``reranker_config.json``;
+1, i.e. the raw logits, when there is none or with ``--no_temperature``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from typing import Iterable, Sequence
@@ -28,13 +31,16 @@ from esci_dataset import DEFAULT_TEMPLATE, LABELS, ESCIDataError, PromptEncoder,
 from modeling import (
     LABEL_CONFIG_NAME,
     attach_label_head,
+    check_hub_reachable,
     check_reranker_config,
+    check_safetensors_only,
     label_logits,
     load_base_model,
     load_tokenizer,
     read_reranker_config,
     resolve_dtype,
     score_from_probs,
+    temperature_from_config,
     template_from_config,
 )
 
@@ -49,21 +55,37 @@ def default_device() -> torch.device:
 
 
 def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
-    """Fail early, with :class:`ESCIDataError`, on a missing adapter folder or a local base path that is not there.
+    """Fail early, with :class:`ESCIDataError`, on a missing, pickle-only or unreachable model.
 
-    ``base_model`` may also be a hub id (``org/name``); only strings that can
-    only be local paths (absolute, ``./``, ``../``, ``~``, or more than one
-    ``/``) are checked here. Anything else fails later, in loading, with OSError.
+    ``base_model`` may be a hub id (``org/name``); strings that can only be local
+    paths (absolute, ``./``, ``../``, ``~``, or more than one ``/``) must exist, and
+    a hub id that is not cached must be reachable. Only safetensors weights load.
     """
     if lora_model is not None:
         if not os.path.isdir(lora_model):
-            raise ESCIDataError(f"--lora_model {lora_model}: folder not found")
+            raise ESCIDataError(f"lora_model {lora_model}: folder not found")
         if not os.path.isfile(os.path.join(lora_model, "adapter_config.json")):
-            raise ESCIDataError(f"--lora_model {lora_model}: no adapter_config.json, so not a LoRA adapter folder "
+            raise ESCIDataError(f"lora_model {lora_model}: no adapter_config.json, so not a LoRA adapter folder "
                                 "(train.py writes one into its --output_dir)")
+        check_safetensors_only(lora_model, "lora_model")
+        check_adapter_config(lora_model)
     local_only = base_model.startswith(("/", "./", "../", "~")) or base_model.count("/") > 1
     if local_only and not os.path.isdir(os.path.expanduser(base_model)):
-        raise ESCIDataError(f"--base_model {base_model}: folder not found")
+        raise ESCIDataError(f"base_model {base_model}: folder not found")
+    check_safetensors_only(os.path.expanduser(base_model), "base_model")
+    check_hub_reachable(base_model, "base_model")
+
+
+def check_adapter_config(lora_model: str) -> None:
+    """An empty or corrupt ``adapter_config.json`` is a user error, not a traceback from peft."""
+    path = os.path.join(lora_model, "adapter_config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ESCIDataError(f"{path}: not a readable adapter config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ESCIDataError(f"{path}: not a LoRA adapter config (a JSON object), got {type(config).__name__}")
 
 
 def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.dtype = torch.float32,
@@ -106,6 +128,20 @@ def stored_template(base_model: str, lora_model: str | None = None) -> PromptTem
     return template_from_config(saved, os.path.join(folder, LABEL_CONFIG_NAME))
 
 
+def stored_temperature(base_model: str, lora_model: str | None = None) -> float | None:
+    """The calibration temperature in the adapter's (or a merged export's) ``reranker_config.json``, or None."""
+    folder = os.path.expanduser(lora_model or base_model)
+    saved = read_reranker_config(folder) if os.path.isdir(folder) else None
+    return temperature_from_config(saved, os.path.join(folder, LABEL_CONFIG_NAME))
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as a float; a ValueError unless it is positive and finite."""
+    if not 0 < float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return float(temperature)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -133,6 +169,10 @@ def add_inference_args(parser) -> None:
                    help="weights dtype; auto = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
     g.add_argument("--bf16", action="store_true", help="shorthand for --dtype bf16")
     g.add_argument("--no_flash_attn", action="store_true", help="force PyTorch sdpa attention even when flash-attn is installed")
+    g.add_argument("--no_temperature", action="store_true",
+                   help="score with the raw label logits, ignoring the temperature train.py --calibrate stored in "
+                        "reranker_config.json (by default it is applied: same predicted labels, calibrated "
+                        "probabilities, and a score that can order items differently)")
     g = parser.add_argument_group("batching")
     g.add_argument("--max_length", type=positive_int, default=512,
                    help="max prompt tokens; only the item text (then the query) is truncated, as in training")
@@ -142,18 +182,37 @@ def add_inference_args(parser) -> None:
                    help="most padded tokens per forward pass; long items go in smaller batches (0 = no limit)")
 
 
-def reranker_from_args(args) -> "Reranker":
+def reranker_from_args(args, device: torch.device | str | None = None) -> "Reranker":
     """Load the :class:`Reranker` the shared flags describe (raises ESCIDataError / OSError / ValueError)."""
-    return Reranker.from_pretrained(args.base_model, args.lora_model, dtype="bf16" if args.bf16 else args.dtype,
-                                    max_length=args.max_length, batch_size=args.batch_size,
-                                    max_batch_tokens=args.max_batch_tokens or None, no_flash_attn=args.no_flash_attn)
+    return Reranker.from_pretrained(args.base_model, args.lora_model, device=device,
+                                    dtype="bf16" if args.bf16 else args.dtype, max_length=args.max_length,
+                                    batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens or None,
+                                    no_flash_attn=args.no_flash_attn, temperature=1.0 if args.no_temperature else None)
+
+
+def probs_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(logits / temperature)`` over the last axis, in float64. ``logits: [N, 4]`` -> ``[N, 4]``.
+
+    Every scoring path ends here, so a temperature is applied the same way everywhere.
+    """
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    return torch.softmax(logits / temperature, dim=-1).numpy()
+
+
+def score_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = DEFAULT_BATCH_SIZE,
+                    progress: bool = False, prefix_ids: Sequence[int] = (),
+                    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, temperature: float = 1.0) -> np.ndarray:
+    """Label probabilities ``[N, 4]`` (``LABELS`` order, float64) for encoded prompts, in input order:
+    ``softmax(logits / temperature)`` of :func:`logits_of_token_ids`."""
+    logits = logits_of_token_ids(model, token_ids, pad_token_id, batch_size, progress, prefix_ids, max_batch_tokens)
+    return probs_from_logits(logits, temperature)
 
 
 @torch.inference_mode()
-def score_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = DEFAULT_BATCH_SIZE,
-                    progress: bool = False, prefix_ids: Sequence[int] = (),
-                    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
-    """Label probabilities ``[N, 4]`` (``LABELS`` order, float64) for encoded prompts, in input order.
+def logits_of_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int,
+                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False, prefix_ids: Sequence[int] = (),
+                        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
+    """Raw label logits ``[N, 4]`` (``LABELS`` order, float32) for encoded prompts, in input order.
 
     Batches are length-sorted, token-budgeted and left-padded; results are
     scattered back to the input order, so the output never depends on batching.
@@ -161,10 +220,10 @@ def score_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int
     Its keys/values are computed once and reused, so each pair only runs the
     tokens after it; the numbers equal the full-prompt path (tested to 1e-5 in fp32).
     """
-    device = next(model.parameters()).device
-    probs = np.zeros((len(token_ids), len(LABELS)), dtype=np.float64)
+    logits_out = np.zeros((len(token_ids), len(LABELS)), dtype=np.float32)
     if not len(token_ids):
-        return probs
+        return logits_out
+    device = next(model.parameters()).device
     n_prefix = shared_prefix_len(token_ids, prefix_ids)
     prefix_kv = encode_prefix(model, prefix_ids) if n_prefix else None
     batches = length_sorted_batches([len(t) - n_prefix for t in token_ids], batch_size, max_batch_tokens)
@@ -175,9 +234,8 @@ def score_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int
     for idx in batches:
         batch = collate_left_padded([{"input_ids": token_ids[i][n_prefix:]} for i in idx], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = label_logits(model, batch, prefix_kv=prefix_kv).float()
-        probs[idx] = torch.softmax(logits, dim=-1).double().cpu().numpy()
-    return probs
+        logits_out[idx] = label_logits(model, batch, prefix_kv=prefix_kv).float().cpu().numpy()
+    return logits_out
 
 
 def scores_from_probs(probs: np.ndarray) -> np.ndarray:
@@ -218,12 +276,16 @@ class Reranker:
       training: the item text is cut first, then the query if it alone does not
       fit; the template and the answer suffix are always kept whole. A long
       item therefore scores as its first tokens; nothing errors.
+    * **Temperature**: ``self.temperature`` (from ``reranker_config.json`` when loaded with
+      :meth:`from_pretrained`; 1 = raw) divides the label logits before the softmax. It never
+      changes ``pred_label`` but can change the order of items by ``score``.
     """
 
     def __init__(self, model, tokenizer, max_length: int = 512, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, reuse_prefix: bool = True,
-                 template: PromptTemplate = DEFAULT_TEMPLATE):
+                 template: PromptTemplate = DEFAULT_TEMPLATE, temperature: float = 1.0):
         self.model, self.tokenizer = model, tokenizer
+        self.temperature = check_temperature(temperature)  # label logits are divided by it; 1 = raw
         self.encoder = PromptEncoder(tokenizer, max_length, template)
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         # The system turn + instruction is the same for every pair: encode it once.
@@ -233,36 +295,46 @@ class Reranker:
     def from_pretrained(cls, base_model: str, lora_model: str | None = None, device: torch.device | str | None = None,
                         dtype: torch.dtype | str | None = None, max_length: int = 512,
                         batch_size: int = DEFAULT_BATCH_SIZE, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
-                        no_flash_attn: bool = False) -> "Reranker":
+                        no_flash_attn: bool = False, temperature: float | None = None) -> "Reranker":
         """Load ``base_model`` (+ the LoRA folder ``lora_model``, or a merged export alone).
 
         ``device``: default cuda when available, else cpu. ``dtype``: a torch dtype, ``"fp32"``,
         ``"bf16"`` or ``"auto"``/None (bf16 on CUDA and on CPUs with native bf16, else fp32; the
         same rule as ``eval.py``). ``batch_size`` / ``max_batch_tokens``: the most pairs / padded
-        tokens per forward pass. Missing folders raise :class:`ESCIDataError`.
+        tokens per forward pass. ``temperature``: None applies the one stored with the model
+        (``train.py --calibrate``; 1 when there is none); 1.0 scores the raw logits.
+        Missing folders raise :class:`ESCIDataError`.
         """
         check_model_paths(base_model, lora_model)
+        if temperature is None:
+            temperature = stored_temperature(base_model, lora_model) or 1.0
+            if temperature != 1.0:
+                logger.info("applying the stored temperature %.4f: label logits / T before the softmax "
+                            "(temperature=1.0, or --no_temperature, scores the raw logits)", temperature)
         model, tokenizer = load_reranker(base_model, lora_model, resolve_dtype(dtype), no_flash_attn, device)
         return cls(model, tokenizer, max_length, batch_size, max_batch_tokens,
-                   template=stored_template(base_model, lora_model))
+                   template=stored_template(base_model, lora_model), temperature=temperature)
 
     def encode(self, queries: Sequence[str], items: Sequence[str]) -> list[list[int]]:
         """Prompt token ids, exactly as ``ESCIMultiClassRerankDataset`` builds them (truncation included)."""
         return self.encoder.encode_batch(list(queries), list(items))
 
     def predict_probs(self, queries: Sequence[str], items: Sequence[str], progress: bool = False) -> np.ndarray:
-        """``[N, 4]`` float64 probabilities (``LABELS`` order) for aligned query/item lists, in input order."""
+        """``[N, 4]`` float64 probabilities (``LABELS`` order) for aligned query/item lists, in input order:
+        ``softmax(logits / self.temperature)``."""
+        return probs_from_logits(self.predict_logits(queries, items, progress), self.temperature)
+
+    def predict_logits(self, queries: Sequence[str], items: Sequence[str], progress: bool = False) -> np.ndarray:
+        """``[N, 4]`` float32 raw label logits (no temperature), in input order."""
         if len(queries) != len(items):
             raise ValueError(f"got {len(queries)} queries but {len(items)} items; they must be aligned")
         _check_texts(queries, "queries")
         _check_texts(items, "items")
-        if not len(queries):
-            return np.zeros((0, len(LABELS)), dtype=np.float64)
         token_ids = []
         for start in range(0, len(queries), 4096):  # bounded tokenizer calls for very large inputs
             token_ids += self.encode(queries[start:start + 4096], items[start:start + 4096])
-        return score_token_ids(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, progress,
-                               self.prefix_ids, self.max_batch_tokens)
+        return logits_of_token_ids(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, progress,
+                                   self.prefix_ids, self.max_batch_tokens)
 
     def predict(self, pairs: Iterable[tuple[str, str]], progress: bool = False) -> list[dict]:
         """Per pair ``(query, item_text)``: ``{p_E, p_S, p_C, p_I, score, pred_label}``, in input order.

@@ -30,24 +30,25 @@ from esci_dataset import (
     INSTRUCT,
     LABELS,
     ESCIDataError,
-    ESCIMultiClassRerankDataset,
     PromptEncoder,
     build_template,
     label_token_ids,
     load_esci_parquet,
     split_by_query,
 )
-from metrics import classification_metrics, majority_baseline
+from metrics import calibration_before_after, classification_metrics, fit_temperature, majority_baseline, softmax
 from modeling import (
     DEFAULT_LORA_TARGETS,
     apply_lora,
     attach_label_head,
+    check_hub_reachable,
     load_base_model,
     load_tokenizer,
     parse_target_modules,
     resolve_dtype,
     save_reranker_config,
 )
+from tokenized import tokenize_split
 
 logger = logging.getLogger("train")
 
@@ -69,6 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "so eval, predict and export reuse it")
     g.add_argument("--eval_ratio", type=float, default=0.02, help="fraction of QUERIES held out for periodic eval (0 disables); no query is on both sides")
     g.add_argument("--seed", type=int, default=42, help="seed for the split, LoRA init and data order")
+    g.add_argument("--preprocessing_num_workers", type=int, default=None,
+                   help="processes that tokenize the data when it is not cached yet (in --output_dir/.tokenized); "
+                        "default: 1 below 50k rows or on 2 cores or fewer, else one per core up to 8")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--per_device_train_batch_size", type=int, default=16, help="pairs per device per step (drawn at random)")
@@ -102,6 +106,16 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
     g.add_argument("--lora_target_modules", type=str, default=DEFAULT_LORA_TARGETS,
                    help="comma list of module names, or 'all-linear'; never lm_head (tied to the embeddings)")
+
+    g = p.add_argument_group("calibration (after training)")
+    # On by default: T is one number fitted on held-out queries, it never changes a predicted label, and
+    # it makes the probabilities (and the expected-gain score built on them) mean what they say.
+    g.add_argument("--calibrate", dest="calibrate", action="store_true", default=True,
+                   help="fit one temperature T on the held-out split (--eval_ratio) and store it in reranker_config.json; "
+                        "eval.py, predict.py, Reranker and export.py divide the label logits by T. Same predicted "
+                        "labels, calibrated probabilities, and the score can order items differently")
+    g.add_argument("--no_calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
+                   help="fit no temperature: every scoring path uses the raw logits")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=10, help="log loss and learning rate every N steps")
@@ -139,6 +153,8 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--max_steps must be a positive number of steps (or -1 to use --num_train_epochs), got {args.max_steps}")
     if args.eval_steps is not None and args.eval_steps < 1:
         parser.error(f"--eval_steps must be at least 1, got {args.eval_steps}")
+    if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
+        parser.error(f"--preprocessing_num_workers must be at least 1, got {args.preprocessing_num_workers}")
     if args.bf16:
         args.dtype = "bf16"
 
@@ -194,15 +210,37 @@ class SaveRunContract(TrainerCallback):
                               self.tokenizer, self.encoder, self.run_config)
 
 
-def save_run_contract(folder: str, tokenizer, encoder: PromptEncoder, run_config: dict) -> None:
-    """The label/prompt contract (with the exact template) and the run's flags, next to the weights."""
-    save_reranker_config(folder, tokenizer, run_config["base_model"], encoder.template, run_config.get("instruction"))
+def save_run_contract(folder: str, tokenizer, encoder: PromptEncoder, run_config: dict,
+                      temperature: float | None = None) -> None:
+    """The label/prompt contract (with the exact template and any fitted temperature) and the run's flags."""
+    save_reranker_config(folder, tokenizer, run_config["base_model"], encoder.template, run_config.get("instruction"),
+                         temperature)
     write_json(os.path.join(folder, RUN_CONFIG_NAME), run_config)
+    write_model_card(folder, run_config)
+
+
+def write_model_card(folder: str, run_config: dict) -> None:
+    """A short README.md of our own in place of peft's placeholder card ("[More Information Needed]")."""
+    card = (f"# ESCI reranker adapter (tiny-reranker)\n\nA LoRA adapter on `{run_config['base_model']}` that scores a "
+            "(query, product) pair as E exact / S substitute / C complement / I irrelevant, and ranks by\n"
+            "`score = (3·P(E) + 2·P(S) + 1·P(C)) / 3`.\n\nTrained by `train.py` on "
+            f"`{run_config['train_file']}`; every flag is in `run_config.json`, the prompt and label ids in "
+            "`reranker_config.json`, metrics in `train_metrics.json`.\n\n```bash\n"
+            f"python eval.py --base_model {run_config['base_model']} --lora_model <this folder> --eval_file test.parquet\n```\n")
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(card)
 
 
 # ---------------------------------------------------------------------------
 # Set-up pieces
 # ---------------------------------------------------------------------------
+def fit_held_out_temperature(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """One temperature for the held-out label logits ``[N, 4]``: ``{temperature, n, ece/brier/nll _before/_after}``."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    temperature = fit_temperature(logits, labels)
+    return {"n": int(len(labels)), **calibration_before_after(softmax(logits), labels, temperature)}
+
+
 def launched_distributed() -> bool:
     """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -261,6 +299,7 @@ def training_arguments(args: argparse.Namespace, dtype: torch.dtype, eval_enable
 
 def load_tokenizer_and_model(args: argparse.Namespace, dtype: torch.dtype):
     """Tokenizer and base model; a folder or hub id that cannot be loaded is a user error naming --base_model."""
+    check_hub_reachable(args.base_model, "--base_model")
     try:
         tokenizer = load_tokenizer(args.base_model)
         model = load_base_model(args.base_model, dtype, args.no_flash_attn)
@@ -320,10 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         template = build_template(args.instruction or INSTRUCT)
         encoder = PromptEncoder(tokenizer, args.max_length, template)
         label_ids = label_token_ids(tokenizer)
+        # Each node's main process tokenizes into the cache; the other ranks wait, then load it memory-mapped.
         with targs.main_process_first(desc="tokenization"):
-            train_ds = ESCIMultiClassRerankDataset(train_df, tokenizer, args.max_length, template=template)
-            eval_ds = ESCIMultiClassRerankDataset(eval_df, tokenizer, args.max_length, template=template) \
-                if len(eval_df) else None
+            cache = dict(source=args.train_file, output_dir=args.output_dir, num_proc=args.preprocessing_num_workers)
+            train_ds = tokenize_split(train_df, encoder, "train", **cache)
+            eval_ds = tokenize_split(eval_df, encoder, "eval", **cache) if len(eval_df) else None
         # 4. Label head, then LoRA (seeded: the LoRA init is random) ----------------------
         set_seed(args.seed)
         model = add_lora_head(model, label_ids, args)
@@ -335,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("label words %s -> ids %s", [tokenizer.decode([i]) for i in label_ids], label_ids)
         logger.info("example prompt (%d tokens, label %s):\n%s", len(first["input_ids"]),
                     LABELS[first["labels"]], tokenizer.decode(first["input_ids"]))
-        if (warning := train_ds.encoder.truncation_warning()):
+        if (warning := encoder.truncation_warning()):
             logger.warning("training data: %s", warning)
 
     if targs.n_gpu > 1:
@@ -353,14 +393,30 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_model(args.output_dir)
     metrics = {"train": result.metrics}
     if eval_ds is not None:
-        metrics["eval"] = trainer.evaluate()
+        # predict() is evaluate()'s pass and metrics, and also returns the 4 label logits for calibration
+        held_out = trainer.predict(eval_ds, metric_key_prefix="eval")
+        trainer.log(held_out.metrics)
+        metrics["eval"] = held_out.metrics
+
+    # 7. Calibrate: one temperature fitted on the held-out logits, stored with the adapter ---
+    temperature = None
+    if args.calibrate and eval_ds is not None:
+        metrics["calibration"] = fit_held_out_temperature(held_out.predictions, held_out.label_ids)
+        temperature = metrics["calibration"]["temperature"]
+    elif args.calibrate:
+        logger.warning("no held-out split, so no temperature was fitted: scoring will use the raw logits")
     if trainer.is_world_process_zero():
-        save_run_contract(args.output_dir, tokenizer, encoder, run_config)
+        save_run_contract(args.output_dir, tokenizer, encoder, run_config, temperature)
         write_json(os.path.join(args.output_dir, "train_metrics.json"), {**metrics, "log_history": trainer.state.log_history})
         if "eval" in metrics:
             e = metrics["eval"]
             logger.info("held-out eval: accuracy %.4f (majority %.4f), macro-F1 %.4f",
                         e["eval_accuracy"], e["eval_majority_accuracy"], e["eval_macro_f1"])
+        if "calibration" in metrics:
+            c = metrics["calibration"]
+            logger.info("temperature T=%.4f fitted on %d held-out pairs: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
+                        "(stored in reranker_config.json)", c["temperature"], c["n"], c["nll_before"], c["nll_after"],
+                        c["ece_before"], c["ece_after"])
         logger.info("saved LoRA reranker to %s", args.output_dir)
     return 0
 

@@ -49,6 +49,17 @@ def test_output_dir_holds_adapter_tokenizer_contract_and_metrics(trained):
     assert {"eval_accuracy", "eval_macro_f1", "eval_majority_accuracy"} <= set(metrics["eval"])
 
 
+def test_calibrate_fits_a_temperature_on_the_held_out_logits_and_stores_it(trained):
+    with open(os.path.join(trained, "train_metrics.json")) as f:
+        metrics = json.load(f)
+    c = metrics["calibration"]
+    # The logits it was fitted on are the held-out ones: their NLL is the Trainer's held-out loss.
+    assert c["nll_before"] == pytest.approx(metrics["eval"]["eval_loss"], abs=1e-4)
+    assert c["nll_after"] < c["nll_before"] and c["n"] > 0
+    with open(os.path.join(trained, "reranker_config.json")) as f:
+        assert json.load(f)["temperature"] == c["temperature"] != 1.0
+
+
 def test_training_learns_beyond_majority_baseline(evaluated):
     report, _ = evaluated
     majority = report["majority_baseline"]["accuracy"]
@@ -61,10 +72,23 @@ def test_training_learns_beyond_majority_baseline(evaluated):
 def test_eval_report_contents(evaluated):
     report, _ = evaluated
     for key in ("accuracy", "micro_f1", "macro_f1", "per_class", "confusion_matrix", "roc_auc_E_vs_rest",
-                "roc_auc_ES_vs_CI", "ndcg", "ndcg@10", "misclassified_examples"):
+                "roc_auc_ES_vs_CI", "ndcg", "ndcg@10", "misclassified_examples", "ece", "brier", "worst_queries"):
         assert key in report
     assert sum(map(sum, report["confusion_matrix"]["rows_true_cols_pred"])) == report["n"] == 320
     assert report["ndcg_queries"] == 40
+    assert report["esci_tasks"]["task1_ranking_ndcg"] == report["ndcg"]
+    assert report["esci_tasks"]["task2_esci_micro_f1"] > report["majority_baseline"]["micro_f1"] - 1e-9
+
+
+def test_eval_applies_the_trained_temperature_and_draws_the_plots(evaluated, trained):
+    report, _ = evaluated
+    with open(os.path.join(trained, "reranker_config.json")) as f:
+        temperature = json.load(f)["temperature"]
+    assert report["temperature"]["value"] == temperature and report["temperature"]["applied"]
+    assert report["calibration"]["temperature"] == temperature
+    assert report["calibration"]["nll_after"] < report["calibration"]["nll_before"]  # held out here too
+    for name in ("confusion_matrix", "score_distribution", "roc", "reliability"):
+        assert os.path.getsize(os.path.join(trained, f"eval_{name}.png")) > 1000, name
 
 
 def test_scores_file_is_one_row_per_input_in_input_order(evaluated, demo_data):

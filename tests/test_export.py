@@ -207,7 +207,7 @@ def test_bad_arguments_exit_2_without_traceback(tiny_model_dir, adapter_dir, tmp
     cases = [
         (["--base_model", tiny_model_dir, "--lora_model", str(tmp_path / "absent")], "folder not found"),
         (["--base_model", tiny_model_dir, "--lora_model", str(tmp_path)], "adapter_config.json"),
-        (["--base_model", str(tmp_path / "nobase"), "--lora_model", adapter_dir], "--base_model"),
+        (["--base_model", str(tmp_path / "nobase"), "--lora_model", adapter_dir], "base_model"),
         (["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--output_dir", str(full)], "--overwrite"),
     ]
     for argv, must in cases:

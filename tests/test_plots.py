@@ -8,8 +8,9 @@ import struct
 import numpy as np
 import pytest
 
+import metrics
 import plots
-from metrics import roc_auc
+from metrics import expected_calibration_error, roc_auc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 150_000  # the figures go into the README
@@ -66,8 +67,10 @@ def test_reliability_bins_hand_computed():
     np.testing.assert_allclose(accuracy[[1, 3]], [1 / 3, 1.0])
     np.testing.assert_allclose(mean_conf[[1, 3]], [1.1 / 3, 0.95])
     assert np.isnan(accuracy[[0, 2]]).all() and np.isnan(mean_conf[[0, 2]]).all()
-    # ECE = (3 * |1/3 - 1.1/3| + 2 * |1 - 0.95|) / 5 = (0.1 + 0.1) / 5
-    assert plots.expected_calibration_error(confidence, correct, n_bins=4) == pytest.approx(0.04)
+    assert plots.reliability_bins is metrics.reliability_bins  # the figure draws the bins the ECE uses
+    # The same rows as probabilities (argmax = first maximum): ECE = (3 * |1/3 - 1.1/3| + 2 * |1 - 0.95|) / 5
+    probs = np.array([[0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2], [0.5, 0.5, 0, 0], [0.9, 0.1, 0, 0], [1.0, 0, 0, 0]])
+    assert expected_calibration_error(probs, np.array([0, 1, 1, 0, 0]), n_bins=4) == pytest.approx(0.04)
 
 
 def test_reliability_bins_default_is_fifteen_and_zero_goes_to_first_bin():
@@ -78,8 +81,9 @@ def test_reliability_bins_default_is_fifteen_and_zero_goes_to_first_bin():
 
 
 def test_ece_zero_when_calibrated_and_for_no_examples():
-    assert plots.expected_calibration_error(np.array([0.5, 0.5]), np.array([1, 0])) == 0.0
-    assert plots.expected_calibration_error(np.array([]), np.array([])) == 0.0
+    half = np.array([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert expected_calibration_error(half, np.array([0, 1])) == 0.0
+    assert expected_calibration_error(np.zeros((0, 4)), np.array([], dtype=int)) == 0.0
 
 
 def test_roc_points_hand_computed_with_a_tie():

@@ -164,8 +164,8 @@ def test_bad_arguments_exit_2(case, tiny_model_dir, adapter_dir, tmp_path, capsy
         "output_under_file": ([*model, "--input", str(good), "--output", str(good / "o.jsonl")], "not a folder"),
         "requests_to_csv": ([*model, "--input", str(good), "--output", str(tmp_path / "o.csv")], "write them as .jsonl"),
         "missing_lora": (["--base_model", tiny_model_dir, "--lora_model", str(tmp_path / "nolora"), "--input", str(good)],
-                         "--lora_model"),
-        "missing_base": (["--base_model", str(tmp_path / "nobase"), "--input", str(good)], "--base_model"),
+                         "lora_model"),
+        "missing_base": (["--base_model", str(tmp_path / "nobase"), "--input", str(good)], "base_model"),
     }[case]
     rc, out, err = _run(argv, capsys)
     assert rc == 2 and out == ""
@@ -200,7 +200,7 @@ class FixedReranker:
 @pytest.fixture
 def fixed_model(monkeypatch, tmp_path):
     (tmp_path / "base").mkdir()
-    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args: FixedReranker([[0.7, 0.1, 0.1, 0.1]]))
+    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args, device=None: FixedReranker([[0.7, 0.1, 0.1, 0.1]]))
     return ["--base_model", str(tmp_path / "base")]
 
 
@@ -221,7 +221,7 @@ def test_user_columns_are_refused_then_kept_beside_prefixed_ones(fixed_model, tm
 
 
 def test_jsonl_output_is_strict_json(fixed_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args: FixedReranker([[np.nan] * 4, [0.25] * 4]))
+    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args, device=None: FixedReranker([[np.nan] * 4, [0.25] * 4]))
     stdin = '{"query": "q", "item_text": "a", "weight": Infinity}\n{"query": "q", "item_text": "b", "weight": NaN}\n'
     rc, out, _ = _run([*fixed_model, "--input", "-"], capsys, stdin, monkeypatch)
     assert rc == 0
@@ -234,7 +234,7 @@ def test_output_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch)
     (tmp_path / "base").mkdir()
     (tmp_path / "out.jsonl").mkdir()  # a folder where the output file should go
     (tmp_path / "in.jsonl").write_text('{"query": "q", "item_text": "a"}\n')
-    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args, device=None: pytest.fail("the model loaded first"))
     rc, _, err = _run(["--base_model", str(tmp_path / "base"), "--input", str(tmp_path / "in.jsonl"),
                        "--output", str(tmp_path / "out.jsonl")], capsys)
     assert rc == 2 and "--output" in err and "is a folder" in err

@@ -150,9 +150,9 @@ def test_very_long_item_is_truncated_keeping_the_suffix(rr):
 
 
 def test_missing_folders_raise_a_clear_error(tiny_model_dir, tmp_path):
-    with pytest.raises(ESCIDataError, match="--lora_model .*folder not found"):
+    with pytest.raises(ESCIDataError, match="lora_model .*folder not found"):
         Reranker.from_pretrained(tiny_model_dir, str(tmp_path / "absent"))
     with pytest.raises(ESCIDataError, match="adapter_config.json"):
         Reranker.from_pretrained(tiny_model_dir, str(tmp_path))
-    with pytest.raises(ESCIDataError, match="--base_model .*folder not found"):
+    with pytest.raises(ESCIDataError, match="base_model .*folder not found"):
         Reranker.from_pretrained(os.path.join(str(tmp_path), "absent", "model"))

@@ -65,6 +65,9 @@ def test_gradient_checkpointing_trains_lora(tiny_model_dir, demo_data, tmp_path)
                                 "--gradient_checkpointing")) == 0
     lora_b = _lora_b(out)
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: it moved
+    with open(os.path.join(out, "README.md")) as f:  # our card, not peft's placeholder
+        card = f.read()
+    assert "More Information Needed" not in card and "score = (3·P(E)" in card
 
 
 def test_wandb_offline(tiny_model_dir, demo_data, tmp_path, monkeypatch):

@@ -1,0 +1,184 @@
+"""Calibration: a temperature fitted on held-out pairs lowers their NLL, it is stored in reranker_config.json,
+and every scoring path (Reranker, eval.py, predict.py, both exports) applies the same one."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import demo
+import eval as eval_cli
+import export as export_cli
+import predict as predict_cli
+import train as train_cli
+from esci_dataset import LABEL_TO_ID, ESCIDataError
+from metrics import nll, softmax
+from modeling import LABEL_CONFIG_NAME, temperature_from_config
+from reranker import PROB_COLUMNS, Reranker, probs_from_logits
+
+MAX_LENGTH = 256
+T = 2.5  # far from 1, so a path that ignores it fails by far more than the tolerance
+ATOL = 1e-6  # fp32
+
+
+def _set_temperature(folder, temperature) -> None:
+    path = os.path.join(folder, LABEL_CONFIG_NAME)
+    with open(path) as f:
+        config = json.load(f)
+    config["temperature"] = temperature
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+@pytest.fixture(scope="module")
+def calibrated_adapter(adapter_dir, tmp_path_factory):
+    """The test adapter with T = 2.5 in its reranker_config.json, as train.py --calibrate stores it."""
+    folder = str(tmp_path_factory.mktemp("calibrated") / "lora")
+    shutil.copytree(adapter_dir, folder)
+    _set_temperature(folder, T)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    df = demo.synthetic_esci(2, items_per_query=5, seed=3)  # 10 rows, two queries
+    df.loc[1, "item_text"] += " with a much longer description" * 3
+    return df
+
+
+@pytest.fixture(scope="module")
+def rr(tiny_model_dir, calibrated_adapter):
+    return Reranker.from_pretrained(tiny_model_dir, calibrated_adapter, device="cpu", dtype="fp32", max_length=MAX_LENGTH,
+                                    batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def reference(rr, pairs):
+    """What the Reranker gives with the stored temperature, and the raw logits behind it."""
+    queries, items = pairs["query"].tolist(), pairs["item_text"].tolist()
+    return rr.predict_probs(queries, items), rr.predict_logits(queries, items)
+
+
+# ---------------------------------------------------------------------------
+# Fitting and storing
+# ---------------------------------------------------------------------------
+def test_fitted_temperature_lowers_the_nll_of_pairs_it_was_not_fitted_on(tiny_model_dir, adapter_dir, demo_data):
+    df = pd.read_parquet(demo_data[1]).head(160)  # 20 queries of 8 items
+    rr = Reranker.from_pretrained(tiny_model_dir, adapter_dir, device="cpu", dtype="fp32", max_length=MAX_LENGTH)
+    logits = rr.predict_logits(df["query"].tolist(), df["item_text"].tolist())
+    y = df["esci_label"].map(LABEL_TO_ID).to_numpy()
+    fit, held_out = slice(0, 80), slice(80, 160)  # disjoint queries
+    fitted = train_cli.fit_held_out_temperature(logits[fit], y[fit])  # what train.py --calibrate runs
+    assert fitted["nll_after"] < fitted["nll_before"] and fitted["n"] == 80
+    t = fitted["temperature"]
+    assert abs(t - 1.0) > 0.05, t  # the random adapter is mis-calibrated: there is something to fix
+    assert nll(softmax(logits[held_out], t), y[held_out]) < nll(softmax(logits[held_out]), y[held_out])
+
+
+def test_stored_temperature_is_read_and_a_bad_one_is_refused():
+    assert temperature_from_config({"temperature": 2}) == 2.0
+    assert temperature_from_config({"temperature": None}) is None and temperature_from_config({}) is None
+    assert temperature_from_config(None) is None
+    for bad in (0, -1.0, float("nan"), float("inf"), "2.5", True):
+        with pytest.raises(ESCIDataError, match="x.json: temperature must be a positive number"):
+            temperature_from_config({"temperature": bad}, "x.json")
+
+
+def test_a_bad_stored_temperature_is_a_clear_error_before_scoring(tiny_model_dir, adapter_dir, tmp_path, capsys):
+    folder = str(tmp_path / "lora")
+    shutil.copytree(adapter_dir, folder)
+    _set_temperature(folder, -1)
+    (tmp_path / "in.jsonl").write_text('{"query": "q", "item_text": "a"}\n')
+    rc = predict_cli.main(["--base_model", tiny_model_dir, "--lora_model", folder, "--input", str(tmp_path / "in.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "temperature must be a positive number" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# Every path applies the same temperature
+# ---------------------------------------------------------------------------
+def test_reranker_divides_the_logits_by_the_stored_temperature(rr, reference, pairs, tiny_model_dir, adapter_dir):
+    probs, logits = reference
+    assert rr.temperature == T
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits).double() / T, -1).numpy(), rtol=0, atol=1e-12)
+    raw = Reranker.from_pretrained(tiny_model_dir, adapter_dir, device="cpu", dtype="fp32", max_length=MAX_LENGTH)
+    raw_probs = raw.predict_probs(pairs["query"].tolist(), pairs["item_text"].tolist())
+    assert raw.temperature == 1.0
+    np.testing.assert_allclose(raw_probs, probs_from_logits(logits), rtol=0, atol=ATOL)
+    assert np.abs(raw_probs - probs).max() > 1e-2  # T really changed the numbers ...
+    assert (raw_probs.argmax(1) == probs.argmax(1)).all()  # ... but never the predicted label
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tiny_model_dir, calibrated_adapter, pairs, tmp_path_factory):
+    """The model flags and the pairs as a parquet file, for eval.py and predict.py."""
+    data = tmp_path_factory.mktemp("cli") / "pairs.parquet"
+    pairs.to_parquet(data, index=False)
+    return ["--base_model", tiny_model_dir, "--lora_model", calibrated_adapter, "--dtype", "fp32",
+            "--max_length", str(MAX_LENGTH), "--batch_size", "4"], str(data)
+
+
+def test_eval_applies_it_and_reports_it(cli_inputs, reference, tmp_path, capsys):
+    model, data = cli_inputs
+    assert eval_cli.main([*model, "--eval_file", data, "--save_scores_path", str(tmp_path / "eval.parquet"),
+                          "--metrics_path", str(tmp_path / "m.json"), "--no_plots"]) == 0
+    np.testing.assert_allclose(pd.read_parquet(tmp_path / "eval.parquet")[list(PROB_COLUMNS)], reference[0], rtol=0,
+                               atol=ATOL)
+    with open(tmp_path / "m.json") as f:
+        report = json.load(f)
+    assert report["temperature"]["value"] == T and report["temperature"]["applied"]
+    assert report["calibration"]["temperature"] == T and report["calibration"]["ndcg_before"] is not None
+    capsys.readouterr()
+
+
+def test_predict_applies_it_and_no_temperature_scores_raw(cli_inputs, reference, tmp_path, capsys):
+    (model, data), (probs, logits) = cli_inputs, reference
+    assert predict_cli.main([*model, "--input", data, "--output", str(tmp_path / "pred.parquet")]) == 0
+    np.testing.assert_allclose(pd.read_parquet(tmp_path / "pred.parquet")[list(PROB_COLUMNS)], probs, rtol=0, atol=ATOL)
+
+    assert predict_cli.main([*model, "--input", data, "--output", str(tmp_path / "raw.parquet"), "--no_temperature"]) == 0
+    raw = pd.read_parquet(tmp_path / "raw.parquet")[list(PROB_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(raw, probs_from_logits(logits), rtol=0, atol=ATOL)
+    capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model_dir, calibrated_adapter, tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrated_exports")
+    out = {}
+    for fmt in export_cli.FORMATS:
+        out[fmt] = str(root / fmt)
+        assert export_cli.main(["--base_model", tiny_model_dir, "--lora_model", calibrated_adapter,
+                                "--output_dir", out[fmt], "--format", fmt]) == 0
+    return out
+
+
+@torch.no_grad()
+def test_seq_cls_export_folds_the_temperature_into_its_head(exports, rr, pairs, reference):
+    from transformers import AutoModelForSequenceClassification
+
+    folder = exports["seq_cls"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    ids = rr.encode(pairs["query"], pairs["item_text"])
+    probs = np.stack([torch.softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1).numpy() for seq in ids])
+    np.testing.assert_allclose(probs, reference[0], rtol=0, atol=ATOL)  # plain softmax: T is in the weights
+    with open(os.path.join(folder, export_cli.PROMPT_FILE)) as f:
+        spec = json.load(f)
+    with open(os.path.join(folder, LABEL_CONFIG_NAME)) as f:
+        config = json.load(f)
+    assert spec["temperature"] == 1.0 and spec["temperature_folded_into_score_weight"] == T
+    assert config["temperature"] is None and config["temperature_folded_into_score_weight"] == T  # never applied twice
+
+
+def test_merged_export_stores_the_temperature_and_our_loader_applies_it(exports, pairs, reference):
+    folder = exports["merged"]
+    with open(os.path.join(folder, export_cli.PROMPT_FILE)) as f:
+        assert json.load(f)["temperature"] == T  # for clients: softmax(label logits / temperature)
+    merged = Reranker.from_pretrained(folder, device="cpu", dtype="fp32", max_length=MAX_LENGTH)
+    assert merged.temperature == T
+    np.testing.assert_allclose(merged.predict_probs(pairs["query"].tolist(), pairs["item_text"].tolist()), reference[0],
+                               rtol=0, atol=ATOL)

@@ -1,0 +1,199 @@
+"""eval.py's report, files and flags, with a stand-in model whose logits are fixed per pair (no model loads).
+
+The numbers themselves are metrics.py's (tested in test_metrics.py); here: the report carries the three ESCI
+tasks, calibration and the worst queries, says what was evaluated, writes plots, and applies a stored temperature.
+"""
+
+import errno
+import json
+import logging
+import os
+import tempfile
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import eval as eval_cli
+from modeling import LABEL_CONFIG_NAME
+from reranker import PROB_COLUMNS, probs_from_logits, stored_temperature
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("confusion_matrix", "score_distribution", "roc", "reliability")
+
+# Three queries of four items. "tent" is ranked upside down (its exact item scores lowest): the worst query.
+ROWS = [  # query_id, query, item_text, label, logits (E, S, C, I)
+    (1, "usb c charger", "Anker 65W USB-C charger", "E", (3.0, 1.0, 0.0, -1.0)),
+    (1, "usb c charger", "Belkin USB-C charger", "S", (1.0, 2.5, 0.0, -1.0)),
+    (1, "usb c charger", "USB-C cable", "C", (0.0, 0.5, 2.0, 0.0)),
+    (1, "usb c charger", "garden hose", "I", (-1.0, 0.0, 0.0, 3.0)),
+    (2, "camping tent", "Coleman 4-person tent", "E", (-1.0, 0.0, 0.5, 2.0)),
+    (2, "camping tent", "Ozark 4-person tent", "S", (0.0, 0.5, 1.0, 0.0)),
+    (2, "camping tent", "tent stakes", "C", (1.0, 2.0, 0.0, 0.0)),
+    (2, "camping tent", "HDMI cable", "I", (4.0, 0.0, 0.0, -1.0)),  # a very confident mistake
+    (3, "wireless mouse", "Logitech wireless mouse", "E", (2.0, 1.5, 0.0, 0.0)),
+    (3, "wireless mouse", "Razer wired mouse", "S", (1.5, 1.0, 0.0, 0.0)),
+    (3, "wireless mouse", "mouse pad", "C", (0.0, 0.0, 1.0, 1.2)),
+    (3, "wireless mouse", "coffee mug", "I", (0.0, 0.0, 0.0, 2.0)),
+]
+LOGITS = {(q, item): logits for _, q, item, _, logits in ROWS}
+
+
+class FakeReranker:
+    """The parts of reranker.Reranker eval.py uses; logits come from LOGITS."""
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+        self.tokenizer = SimpleNamespace(decode=lambda ids: "<the prompt>")
+
+    def encode(self, queries, items):
+        return [[0] * 5 for _ in queries]
+
+    def predict_logits(self, queries, items, progress=False):
+        return np.array([LOGITS[pair] for pair in zip(queries, items)], dtype=np.float32).reshape(-1, 4)
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A base folder, an adapter folder, the data file, and eval.py wired to the stand-in model."""
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    base.mkdir()
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"r": 8, "target_modules": ["q_proj", "v_proj"]}')
+    data = tmp_path / "eval.parquet"
+    pd.DataFrame([r[:4] for r in ROWS], columns=["query_id", "query", "item_text", "esci_label"]).to_parquet(data)
+
+    def load(args, device=None):  # the real loader's temperature rule: the stored one unless --no_temperature
+        stored = stored_temperature(args.base_model, args.lora_model)
+        return FakeReranker(1.0 if args.no_temperature or stored is None else stored)
+
+    monkeypatch.setattr(eval_cli, "reranker_from_args", load)
+    return SimpleNamespace(base=str(base), lora=str(lora), data=str(data), out=tmp_path / "out")
+
+
+def run(setup, capsys, *extra, adapter=True):
+    argv = ["--base_model", setup.base, "--eval_file", setup.data, *(["--lora_model", setup.lora] if adapter else []),
+            "--metrics_path", str(setup.out / "eval_metrics.json"), "--save_scores_path", str(setup.out / "s.parquet"),
+            *extra]
+    rc = eval_cli.main(argv)
+    out, err = capsys.readouterr()
+    report = json.loads((setup.out / "eval_metrics.json").read_text()) if rc == 0 else None
+    return rc, out, err, report
+
+
+def test_report_has_the_three_esci_tasks_calibration_and_worst_queries(setup, capsys):
+    rc, _, _, report = run(setup, capsys)
+    assert rc == 0 and report["n"] == len(ROWS)
+    tasks = report["esci_tasks"]
+    assert tasks["task1_ranking_ndcg"] == report["ndcg"] is not None  # query ids reached the report
+    assert tasks["task2_esci_micro_f1"] == report["micro_f1"] and tasks["task2_esci_macro_f1"] == report["macro_f1"]
+    assert 0 <= tasks["task3_substitute_micro_f1"] <= 1
+    assert 0 < report["ece"] < 1 and 0 < report["brier"] < 2 and report["nll"] > 0
+    worst = report["worst_queries"][0]
+    assert worst["query_id"] == 2 and worst["query"] == "camping tent" and worst["labels"] == {"E": 1, "S": 1, "C": 1, "I": 1}
+    assert [q["ndcg"] for q in report["worst_queries"]] == sorted(q["ndcg"] for q in report["worst_queries"])
+    assert report["misclassified_examples"][0]["item_text"] == "HDMI cable"  # the most confident mistake first
+    assert report["adapter"] == setup.lora
+    assert report["temperature"] == {"value": None, "applied": False, "source": None} and "calibration" not in report
+
+
+def test_printed_report_explains_labels_score_and_model_then_worst_queries_beside_mistakes(setup, capsys):
+    rc, out, _, _ = run(setup, capsys)
+    assert rc == 0
+    header = out[:out.index("metric")]
+    for words in (f"model: adapter {setup.lora}", "E = exact, S = substitute, C = complement, I = irrelevant",
+                  "score = (3·P(E) + 2·P(S) + 1·P(C)) / 3", "temperature: none stored"):
+        assert words in header, words
+    for words in ("task 1 query-product ranking", "task 2 E/S/C/I classification", "task 3 substitute identification",
+                  "ECE", "Brier"):
+        assert words in out, words
+    worst, mistakes = out.index("worst queries by nDCG"), out.index("most confident mistakes")
+    assert worst < mistakes and "'camping tent'" in out[worst:mistakes].splitlines()[1]
+    assert "HDMI cable" in out[mistakes:].splitlines()[1]
+
+
+def test_zero_shot_says_so(setup, capsys):
+    rc, out, _, report = run(setup, capsys, adapter=False)
+    assert rc == 0 and "model: zero-shot (no adapter loaded)" in out and report["adapter"] is None
+
+
+def test_plots_are_written_next_to_the_metrics_named_after_them_unless_no_plots(setup, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="eval")
+    rc, _, _, _ = run(setup, capsys)
+    assert rc == 0
+    paths = [setup.out / f"eval_{name}.png" for name in PLOTS]
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_MAGIC, path
+    assert any(all(str(p) in r.getMessage() for p in paths) for r in caplog.records)  # their paths are logged
+
+    metrics = setup.out / "more" / "run1.json"
+    assert eval_cli.main(["--base_model", setup.base, "--eval_file", setup.data, "--metrics_path", str(metrics)]) == 0
+    assert sorted(os.listdir(metrics.parent)) == ["run1.json", *sorted(f"run1_{name}.png" for name in PLOTS)]
+
+    quiet = setup.out / "quiet" / "eval_metrics.json"
+    assert eval_cli.main(["--base_model", setup.base, "--eval_file", setup.data, "--metrics_path", str(quiet),
+                          "--no_plots"]) == 0
+    assert os.listdir(quiet.parent) == ["eval_metrics.json"]
+
+
+def test_a_stored_temperature_is_applied_reported_before_and_after_and_can_be_switched_off(setup, capsys):
+    with open(os.path.join(setup.lora, LABEL_CONFIG_NAME), "w") as f:
+        json.dump({"temperature": 2.0}, f)
+    logits = np.array([r[4] for r in ROWS], dtype=np.float32)  # the model's logits are fp32
+
+    rc, out, _, report = run(setup, capsys)
+    assert rc == 0 and report["temperature"]["value"] == 2.0 and report["temperature"]["applied"]
+    saved = pd.read_parquet(setup.out / "s.parquet")[list(PROB_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(saved, probs_from_logits(logits, 2.0), rtol=0, atol=1e-12)
+    c = report["calibration"]
+    assert c["temperature"] == 2.0 and c["ece_before"] == report["ece"] and c["ece_after"] != c["ece_before"]
+    assert c["ndcg_after"] == report["ndcg"] and c["ndcg_before"] is not None  # ranking with and without T
+    assert "T=2.0000" in out[:out.index("metric")] and "applied" in out and "ECE" in out[out.index("with temperature"):]
+
+    rc, out, _, raw = run(setup, capsys, "--no_temperature")
+    assert rc == 0 and raw["temperature"]["value"] == 2.0 and not raw["temperature"]["applied"]
+    saved = pd.read_parquet(setup.out / "s.parquet")[list(PROB_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(saved, probs_from_logits(logits), rtol=0, atol=1e-12)
+    assert raw["calibration"]["ndcg_before"] == raw["ndcg"]  # still shows what T would do
+    assert "not applied (--no_temperature)" in out
+
+
+def test_outputs_are_checked_before_the_model_loads(setup, capsys, monkeypatch):
+    monkeypatch.setattr(eval_cli, "reranker_from_args", lambda *a, **k: pytest.fail("the model loaded first"))
+    folder = setup.out / "a_folder.json"
+    folder.mkdir(parents=True)
+    cases = [(["--metrics_path", str(folder)], "--metrics_path"),
+             (["--save_scores_path", str(setup.out / "scores.txt")], "must end in .parquet or .csv")]
+    for extra, words in cases:
+        rc = eval_cli.main(["--base_model", setup.base, "--eval_file", setup.data, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and err.startswith("error: ") and "Traceback" not in err, err
+
+
+def test_a_failed_final_write_keeps_the_metrics_elsewhere(setup, capsys, monkeypatch, tmp_path):
+    real_write_json = eval_cli.write_json
+
+    def disk_full_in_out(path, *args, **kwargs):
+        if os.path.dirname(os.path.abspath(path)) == str(setup.out):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_json(path, *args, **kwargs)
+
+    monkeypatch.setattr(eval_cli, "write_json", disk_full_in_out)
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spare))
+    rc, _, err, _ = run(setup, capsys, "--no_plots")
+    assert rc == 2 and "No space left" in err
+    (saved,) = os.listdir(spare)
+    assert str(spare / saved) in err and json.loads((spare / saved).read_text())["n"] == len(ROWS)
+    assert len(pd.read_parquet(setup.out / "s.parquet")) == len(ROWS)  # the scores were written all the same
+
+
+def test_help_shows_defaults_and_the_new_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # help lines wrap anywhere
+    for words in ("--no_plots", "--no_temperature", "--metrics_path", "(default: 512)", "(default: auto)", "torchrun"):
+        assert words in text, words

@@ -288,19 +288,22 @@ def save_reranker_config(output_dir: str, tokenizer, base_model: str, template: 
         json.dump(reranker_config(tokenizer, base_model, template, instruction, temperature), f, indent=2)
 
 
+def read_json_object(path: str) -> dict:
+    """A JSON object from ``path``; an unreadable, empty or non-object file is an ESCIDataError naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ESCIDataError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(value, dict):
+        raise ESCIDataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_reranker_config(model_dir: str) -> dict | None:
     """``reranker_config.json`` of ``model_dir`` (None when there is none); a corrupt one is an ESCIDataError."""
     path = os.path.join(model_dir, LABEL_CONFIG_NAME)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ESCIDataError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(saved, dict):
-        raise ESCIDataError(f"{path}: expected a JSON object, got {type(saved).__name__}")
-    return saved
+    return read_json_object(path) if os.path.exists(path) else None
 
 
 def check_reranker_config(model_dir: str, tokenizer, base_model: str | None = None) -> dict | None:

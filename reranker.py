@@ -11,7 +11,6 @@ calibration temperature stored with the model (``reranker_config.json``;
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from typing import Iterable, Sequence
@@ -37,6 +36,7 @@ from modeling import (
     label_logits,
     load_base_model,
     load_tokenizer,
+    read_json_object,
     read_reranker_config,
     resolve_dtype,
     score_from_probs,
@@ -78,14 +78,7 @@ def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
 
 def check_adapter_config(lora_model: str) -> None:
     """An empty or corrupt ``adapter_config.json`` is a user error, not a traceback from peft."""
-    path = os.path.join(lora_model, "adapter_config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ESCIDataError(f"{path}: not a readable adapter config ({exc})") from None
-    if not isinstance(config, dict):
-        raise ESCIDataError(f"{path}: not a LoRA adapter config (a JSON object), got {type(config).__name__}")
+    read_json_object(os.path.join(lora_model, "adapter_config.json"))
 
 
 def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.dtype = torch.float32,

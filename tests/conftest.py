@@ -81,3 +81,11 @@ def lora_model(tiny_model_dir, qwen3_tokenizer):
             torch.nn.init.normal_(p, std=0.05)
     attach_label_head(model.get_base_model(), label_token_ids(qwen3_tokenizer))
     return model
+
+
+@pytest.fixture(scope="session")
+def mixed_pairs():
+    """10 synthetic ESCI rows over two queries, one item made much longer (mixed lengths)."""
+    df = demo.synthetic_esci(2, items_per_query=5, seed=3)
+    df.loc[1, "item_text"] += " with a much longer description" * 3
+    return df

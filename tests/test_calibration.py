@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-import demo
 import eval as eval_cli
 import export as export_cli
 import predict as predict_cli
@@ -44,10 +43,8 @@ def calibrated_adapter(adapter_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pairs():
-    df = demo.synthetic_esci(2, items_per_query=5, seed=3)  # 10 rows, two queries
-    df.loc[1, "item_text"] += " with a much longer description" * 3
-    return df
+def pairs(mixed_pairs):
+    return mixed_pairs.copy()
 
 
 @pytest.fixture(scope="module")

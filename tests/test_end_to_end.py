@@ -10,9 +10,10 @@ import eval as eval_cli
 import train as train_cli
 from esci_dataset import LABELS
 
-DEMO_TRAIN_ARGS = [  # the recipe scripts/run_demo.sh uses: a random tiny model needs a high LR
-    "--max_length", "256", "--per_device_train_batch_size", "16", "--num_train_epochs", "6",
-    "--learning_rate", "2e-2", "--eval_ratio", "0.1", "--save_steps", "10000", "--logging_steps", "50",
+DEMO_TRAIN_ARGS = [  # the recipe scripts/run_demo.sh uses: a random tiny model, LoRA on every linear layer
+    "--max_length", "256", "--per_device_train_batch_size", "16", "--num_train_epochs", "1",
+    "--learning_rate", "3e-3", "--lora_target_modules", "all-linear", "--eval_ratio", "0.1",
+    "--save_steps", "10000", "--logging_steps", "50", "--dtype", "fp32",
 ]
 
 
@@ -43,7 +44,8 @@ def test_output_dir_holds_adapter_tokenizer_contract_and_metrics(trained):
     assert contract["labels"] == list(LABELS) and contract["label_token_ids"] == [4734, 27679, 22766, 39715]
     assert contract["prompt_version"] and contract["base_model"]
     with open(os.path.join(trained, "adapter_config.json")) as f:
-        assert sorted(json.load(f)["target_modules"]) == ["q_proj", "v_proj"]
+        targets = json.load(f)["target_modules"]  # all-linear: every projection of every layer
+    assert all(any(t.endswith(proj) for t in targets) for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
     with open(os.path.join(trained, "train_metrics.json")) as f:
         metrics = json.load(f)
     assert {"eval_accuracy", "eval_macro_f1", "eval_majority_accuracy"} <= set(metrics["eval"])
@@ -63,8 +65,9 @@ def test_calibrate_fits_a_temperature_on_the_held_out_logits_and_stores_it(train
 def test_training_learns_beyond_majority_baseline(evaluated):
     report, _ = evaluated
     majority = report["majority_baseline"]["accuracy"]
-    assert report["accuracy"] >= majority + 0.10, (report["accuracy"], majority)
-    assert report["macro_f1"] > report["majority_baseline"]["macro_f1"] + 0.10
+    assert report["accuracy"] >= 0.9 and report["accuracy"] >= majority + 0.3, (report["accuracy"], majority)
+    assert report["macro_f1"] >= 0.85  # every class is learned, not just the majority
+    assert min(c["recall"] for c in report["per_class"].values()) > 0.5, report["per_class"]
     # The score must rank: exact items above irrelevant ones on average.
     assert report["mean_score_by_true_label"]["E"] > report["mean_score_by_true_label"]["I"]
 

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import demo
 from esci_dataset import LABELS, ESCIDataError, ESCIMultiClassRerankDataset
 from reranker import (
     PROB_COLUMNS,
@@ -27,10 +26,8 @@ def rr(tiny_model_dir, adapter_dir):
 
 
 @pytest.fixture(scope="module")
-def pairs_df():
-    df = demo.synthetic_esci(2, items_per_query=5, seed=3)  # 10 rows, mixed lengths
-    df.loc[1, "item_text"] += " with a much longer description" * 3
-    return df
+def pairs_df(mixed_pairs):
+    return mixed_pairs.copy()
 
 
 @pytest.fixture(scope="module")

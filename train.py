@@ -48,6 +48,7 @@ from modeling import (
     resolve_dtype,
     save_reranker_config,
 )
+from plots import plot_training
 from tokenized import tokenize_split
 
 logger = logging.getLogger("train")
@@ -417,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("temperature T=%.4f fitted on %d held-out pairs: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
                         "(stored in reranker_config.json)", c["temperature"], c["n"], c["nll_before"], c["nll_after"],
                         c["ece_before"], c["ece_after"])
+        curves = plot_training(trainer.state.log_history, os.path.join(args.output_dir, "train_curves.png"))
+        if curves:
+            logger.info("loss and held-out metrics over steps: %s", curves)
         logger.info("saved LoRA reranker to %s", args.output_dir)
     return 0
 

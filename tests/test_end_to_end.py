@@ -38,7 +38,9 @@ def evaluated(trained, tiny_model_dir, demo_data):
 def test_output_dir_holds_adapter_tokenizer_contract_and_metrics(trained):
     files = set(os.listdir(trained))
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "reranker_config.json",
-            "train_metrics.json", "run_config.json"} <= files
+            "train_metrics.json", "run_config.json", "train_curves.png"} <= files
+    with open(os.path.join(trained, "train_curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"  # loss and held-out metrics drawn from the log history
     with open(os.path.join(trained, "reranker_config.json")) as f:
         contract = json.load(f)
     assert contract["labels"] == list(LABELS) and contract["label_token_ids"] == [4734, 27679, 22766, 39715]

@@ -1,0 +1,112 @@
+"""Resume picks the newest complete checkpoint, reused folders and changed flags are refused, pickles never load."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import train as train_cli
+from checkpoints import check_resume_matches, prepare_output_dir, resolve_checkpoint
+from esci_dataset import ESCIDataError
+from reranker import check_model_paths
+
+
+def _checkpoint(folder, step, broken=None, run_config=None):
+    """A checkpoint folder with the files the Trainer needs to resume; ``broken`` names one to damage."""
+    path = os.path.join(folder, f"checkpoint-{step}")
+    os.makedirs(path)
+    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        json.dump({"global_step": step}, f)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"r": 8, "target_modules": ["q_proj"]}, f)
+    save_file({"w": torch.zeros(2)}, os.path.join(path, "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(b"x" * 16)
+    with open(os.path.join(path, "run_config.json"), "w") as f:
+        json.dump(run_config or {"base_model": "m", "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj"}, f)
+    if broken == "truncated_weights":
+        with open(os.path.join(path, "adapter_model.safetensors"), "r+b") as f:
+            f.truncate(10)
+    elif broken == "no_optimizer":
+        os.remove(os.path.join(path, "optimizer.pt"))
+    elif broken == "corrupt_state":
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            f.write('{"global_step": ')
+    return path
+
+
+@pytest.mark.parametrize("broken", ["truncated_weights", "no_optimizer", "corrupt_state"])
+def test_latest_skips_an_incomplete_newest_checkpoint(tmp_path, broken, caplog):
+    good = _checkpoint(str(tmp_path), 4)
+    _checkpoint(str(tmp_path), 8, broken=broken)
+    assert resolve_checkpoint("latest", str(tmp_path)) == good
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-8" in caplog.text
+
+
+def test_latest_with_only_incomplete_checkpoints_is_a_clear_error(tmp_path):
+    _checkpoint(str(tmp_path), 8, broken="corrupt_state")
+    with pytest.raises(ESCIDataError, match="none of the 1 checkpoint-\\* folders"):
+        resolve_checkpoint("latest", str(tmp_path))
+    with pytest.raises(ESCIDataError, match="cannot resume from it: unreadable"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-8"), str(tmp_path))
+
+
+def test_a_fresh_run_among_another_runs_checkpoints_is_refused(tmp_path):
+    _checkpoint(str(tmp_path), 4)
+    with pytest.raises(ESCIDataError, match="already holds checkpoints of an earlier run"):
+        prepare_output_dir(str(tmp_path), resuming=False, overwrite=False, is_main=True)
+    prepare_output_dir(str(tmp_path), resuming=True, overwrite=False, is_main=True)  # resuming it is fine
+    assert os.path.isdir(tmp_path / "checkpoint-4")
+    prepare_output_dir(str(tmp_path), resuming=False, overwrite=True, is_main=True)  # --overwrite_output_dir
+    assert not os.path.exists(tmp_path / "checkpoint-4")
+
+
+def test_resuming_under_other_model_flags_names_them(tmp_path):
+    path = _checkpoint(str(tmp_path), 4)
+    same = {"base_model": "m", "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj", "instruction": None}
+    check_resume_matches(path, same)
+    with pytest.raises(ESCIDataError, match="--lora_r 8 \\(checkpoint\\) vs 16 \\(now\\)"):
+        check_resume_matches(path, {**same, "lora_r": 16})
+
+
+def test_train_refuses_a_reused_output_dir_end_to_end(tmp_path, tiny_model_dir, demo_data, capsys):
+    _checkpoint(str(tmp_path / "out"), 4)
+    rc = train_cli.main(["--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite_output_dir" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value", [("--learning_rate", "nan"), ("--learning_rate", "-1"),
+                                        ("--num_train_epochs", "0"), ("--num_train_epochs", "nan"),
+                                        ("--max_steps", "0"), ("--warmup_ratio", "inf")])
+def test_bad_numbers_are_flag_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(["--base_model", "m", "--train_file", "t.parquet", "--output_dir", "o", flag, value])
+    assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "adapter_model.bin"])
+def test_pickle_only_weights_are_refused(tmp_path, tiny_model_dir, name):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / name).write_bytes(b"not even unpickled")
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    with pytest.raises(ESCIDataError, match="only pickle weights .*save_pretrained"):
+        if name == "adapter_model.bin":
+            check_model_paths(tiny_model_dir, str(folder))
+        else:
+            check_model_paths(str(folder))
+
+
+def test_an_unreachable_hub_id_fails_fast_with_a_hint(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ESCIDataError, match="not a local folder .*pass the local folder"):
+        check_model_paths("Qwen/Qwen3-0.6B-not-cached")

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 LABELS = ("E", "S", "C", "I")  # this order everywhere: logits, probs, reports
 LABEL_TEXT = {"E": "exact", "S": "substitute", "C": "complement", "I": "irrelevant"}
 LABEL_TO_ID = {label: i for i, label in enumerate(LABELS)}
-# Graded relevance of each class; the ranking score is its expectation (see score_from_probs).
+# Graded relevance of each class; the ranking score is its expectation (see modeling.scores_from_probs).
 LABEL_GAIN = {"E": 3.0, "S": 2.0, "C": 1.0, "I": 0.0}
 
 # Bump whenever the default prompt text or a label-word rule changes. Adapters store the

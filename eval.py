@@ -33,18 +33,24 @@ import numpy as np
 import pandas as pd
 
 import sharding
-from cli_utils import HelpFormatter, check_output_file, cli_error, save_or_fallback, write_json
+from cli_utils import (
+    HelpFormatter,
+    add_inference_args,
+    check_output_file,
+    cli_error,
+    positive_int,
+    reranker_from_args,
+    save_or_fallback,
+    write_json,
+)
 from esci_dataset import LABEL_TO_ID, LABELS, ESCIDataError, load_esci_parquet, query_groups
 from metrics import evaluation_report, format_report, mean_ndcg
 from modeling import LABEL_CONFIG_NAME
 from reranker import (
     PROB_COLUMNS,
-    add_inference_args,
     check_model_paths,
-    positive_int,
     prediction_columns,
     probs_from_logits,
-    reranker_from_args,
     scores_from_probs,
     stored_temperature,
 )

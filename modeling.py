@@ -19,6 +19,7 @@ import os
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,10 +121,14 @@ def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=Non
     return logits
 
 
-def score_from_probs(probs: torch.Tensor) -> torch.Tensor:
-    """Ranking score in [0, 1]: ``(3·P(E) + 2·P(S) + 1·P(C) + 0·P(I)) / 3``. ``probs: [..., 4]``."""
-    gains = torch.tensor([LABEL_GAIN[label] for label in LABELS], dtype=probs.dtype, device=probs.device)
-    return probs @ gains / max(LABEL_GAIN.values())
+def scores_from_probs(probs) -> np.ndarray:
+    """Ranking score in [0, 1]: ``(3·P(E) + 2·P(S) + 1·P(C) + 0·P(I)) / 3``. ``probs: [..., 4]`` -> ``[...]``.
+
+    The one score function: numpy in, float64 out (torch tensors are converted).
+    """
+    weights = np.array([LABEL_GAIN[label] for label in LABELS], dtype=np.float64)
+    probs = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    return probs.astype(np.float64) @ weights / weights.max()
 
 
 # ---------------------------------------------------------------------------

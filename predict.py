@@ -41,17 +41,23 @@ import pandas as pd
 import pyarrow as pa
 
 import sharding
-from cli_utils import HelpFormatter, check_output_file, cli_error, dumps_strict, save_or_fallback
+from cli_utils import (
+    HelpFormatter,
+    add_inference_args,
+    check_output_file,
+    cli_error,
+    dumps_strict,
+    reranker_from_args,
+    save_or_fallback,
+)
 from esci_dataset import ESCIDataError, read_table, require_columns, validate_text_column
 from reranker import (
     OUTPUT_COLUMNS,
     PROB_COLUMNS,
-    add_inference_args,
     check_model_paths,
     prediction_columns,
     prediction_records,
     rank_results,
-    reranker_from_args,
 )
 
 logger = logging.getLogger("predict")

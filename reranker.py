@@ -10,7 +10,6 @@ calibration temperature stored with the model (``reranker_config.json``;
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import Iterable, Sequence
@@ -39,7 +38,7 @@ from modeling import (
     read_json_object,
     read_reranker_config,
     resolve_dtype,
-    score_from_probs,
+    scores_from_probs,
     temperature_from_config,
     template_from_config,
 )
@@ -135,54 +134,6 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def add_inference_args(parser) -> None:
-    """The model and batching flags shared by eval.py and predict.py (one definition, one help text)."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--base_model", type=str, required=True,
-                   help="base causal LM folder or hub id (the one the adapter was trained on), or a merged export")
-    g.add_argument("--lora_model", type=str, default=None,
-                   help="LoRA adapter folder from train.py; omit for the zero-shot baseline or a merged export")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="weights dtype; auto = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
-    g.add_argument("--bf16", action="store_true", help="shorthand for --dtype bf16")
-    g.add_argument("--no_flash_attn", action="store_true", help="force PyTorch sdpa attention even when flash-attn is installed")
-    g.add_argument("--no_temperature", action="store_true",
-                   help="score with the raw label logits, ignoring the temperature train.py --calibrate stored in "
-                        "reranker_config.json (by default it is applied: same predicted labels, calibrated "
-                        "probabilities, and a score that can order items differently)")
-    g = parser.add_argument_group("batching")
-    g.add_argument("--max_length", type=positive_int, default=512,
-                   help="max prompt tokens; only the item text (then the query) is truncated, as in training")
-    g.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help="most pairs per forward pass (batches are length-sorted)")
-    g.add_argument("--max_batch_tokens", type=non_negative_int, default=DEFAULT_MAX_BATCH_TOKENS,
-                   help="most padded tokens per forward pass; long items go in smaller batches (0 = no limit)")
-
-
-def reranker_from_args(args, device: torch.device | str | None = None) -> "Reranker":
-    """Load the :class:`Reranker` the shared flags describe (raises ESCIDataError / OSError / ValueError)."""
-    return Reranker.from_pretrained(args.base_model, args.lora_model, device=device,
-                                    dtype="bf16" if args.bf16 else args.dtype, max_length=args.max_length,
-                                    batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens or None,
-                                    no_flash_attn=args.no_flash_attn, temperature=1.0 if args.no_temperature else None)
-
-
 def probs_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """``softmax(logits / temperature)`` over the last axis, in float64. ``logits: [N, 4]`` -> ``[N, 4]``.
 
@@ -229,11 +180,6 @@ def logits_of_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits_out[idx] = label_logits(model, batch, prefix_kv=prefix_kv).float().cpu().numpy()
     return logits_out
-
-
-def scores_from_probs(probs: np.ndarray) -> np.ndarray:
-    """Numpy front of :func:`modeling.score_from_probs`."""
-    return score_from_probs(torch.from_numpy(np.asarray(probs, dtype=np.float64))).numpy()
 
 
 def prediction_columns(probs: np.ndarray) -> dict[str, np.ndarray]:

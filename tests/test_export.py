@@ -288,3 +288,25 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--base_model", "--lora_model", "--output_dir", "--format", "merged", "seq_cls", "--bf16", "--overwrite"):
         assert flag in text
 
+
+
+def test_readme_seq_cls_snippet_runs_on_a_bf16_export(tiny_model_dir, adapter_dir, tmp_path):
+    """The README's plain-transformers snippet, as written, on the --bf16 seq_cls export the README makes."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = str(tmp_path / "seq_cls_bf16")
+    assert export_cli.main(["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--output_dir", out,
+                            "--format", "seq_cls", "--bf16"]) == 0
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    snippet = re.search(r"With plain transformers.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'path = "export/seq_cls"' in snippet
+    code = snippet.replace('path = "export/seq_cls"', f"path = {out!r}") + "\nprint(score.tolist())\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)

@@ -39,6 +39,7 @@ import torch
 
 from demo import build_tiny_model, qwen3_tokenizer_dir
 from batching import collate_left_padded
+from cli_utils import positive_int
 from esci_dataset import LABELS, PromptEncoder, label_token_ids
 from modeling import apply_lora, attach_label_head, detach_label_head, load_tokenizer, pick_attn_implementation, resolve_dtype
 from reranker import Reranker
@@ -58,11 +59,11 @@ WORDS = ("wireless bluetooth headphones noise cancelling over ear battery chargi
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=str, default="tiny", help="'tiny', 'qwen3-0.6b' (real shape, random init) or a model folder")
-    p.add_argument("--n_queries", type=int, default=None, help="synthetic queries (default: 8 for tiny, 4 otherwise)")
-    p.add_argument("--items_per_query", type=int, default=12, help="candidate items per query (ESCI has ~10-20)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per side; median and spread are reported")
-    p.add_argument("--eval_batch_size", type=int, default=16, help="pairs per batch for the reference eval recipe")
-    p.add_argument("--train_batch_size", type=int, default=8, help="pairs per training step, both sides")
+    p.add_argument("--n_queries", type=positive_int, default=None, help="synthetic queries (default: 8 for tiny, 4 otherwise)")
+    p.add_argument("--items_per_query", type=positive_int, default=12, help="candidate items per query (ESCI has ~10-20)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats per side; median and spread are reported")
+    p.add_argument("--eval_batch_size", type=positive_int, default=16, help="pairs per batch for the reference eval recipe")
+    p.add_argument("--train_batch_size", type=positive_int, default=8, help="pairs per training step, both sides")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="both sides use it; auto = bf16 on CUDA or a CPU with avx512_bf16/AMX, else fp32")
     p.add_argument("--whole_process", action="store_true",

@@ -124,3 +124,14 @@ def test_bench_unknown_model_is_a_clear_error(tmp_path, capsys):
     assert bench.main(["--model", str(tmp_path / "no_model_here")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --model") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("script,argv", [("bench", ["--n_queries", "0"]), ("bench", ["--repeats", "-1"]),
+                                         ("bench", ["--train_batch_size", "0"]), ("demo", ["--n_train_queries", "0"])])
+def test_bench_and_demo_refuse_bad_sizes(script, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(script).main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and argv[0] in err and "must be at least 1" in err

@@ -68,11 +68,27 @@ def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
                                 "(train.py writes one into its --output_dir)")
         check_safetensors_only(lora_model, "lora_model")
         check_adapter_config(lora_model)
+        check_safetensors_readable(os.path.join(lora_model, "adapter_model.safetensors"))
     local_only = base_model.startswith(("/", "./", "../", "~")) or base_model.count("/") > 1
     if local_only and not os.path.isdir(os.path.expanduser(base_model)):
         raise ESCIDataError(f"base_model {base_model}: folder not found")
     check_safetensors_only(os.path.expanduser(base_model), "base_model")
     check_hub_reachable(base_model, "base_model")
+
+
+def check_safetensors_readable(path: str) -> None:
+    """A truncated or corrupt weights file is a user error naming it, not a traceback from the loader."""
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                f.get_slice(name)
+    except Exception as exc:  # safetensors raises its own error type for every kind of damage
+        raise ESCIDataError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0]}); "
+                            "it may be truncated: copy it again or re-run the export/training") from None
 
 
 def check_adapter_config(lora_model: str) -> None:

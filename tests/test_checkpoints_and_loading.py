@@ -110,3 +110,14 @@ def test_an_unreachable_hub_id_fails_fast_with_a_hint(monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ESCIDataError, match="not a local folder .*pass the local folder"):
         check_model_paths("Qwen/Qwen3-0.6B-not-cached")
+
+
+def test_a_truncated_adapter_weights_file_is_a_clear_error(tmp_path, tiny_model_dir, adapter_dir):
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ESCIDataError, match="unreadable safetensors file"):
+        check_model_paths(tiny_model_dir, str(folder))

@@ -227,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
     logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
     try:
-        check_model_paths(args.base_model, args.lora_model)
+        # Where we would write comes first: an export must never touch its own inputs, whatever state they are in.
         check_apart_from_inputs(args.output_dir, {"--lora_model": args.lora_model, "--base_model": args.base_model})
         check_export_target(args.output_dir, args.overwrite)
+        check_model_paths(args.base_model, args.lora_model)
         # 2. Merge the adapter into the base weights --------------------------------
         temperature = stored_temperature(args.base_model, args.lora_model)
         causal_lm, tokenizer, label_ids = merged_causal_lm(args.base_model, args.lora_model)

@@ -204,9 +204,11 @@ def test_bad_arguments_exit_2_without_traceback(tiny_model_dir, adapter_dir, tmp
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("x")
+    not_adapter = tmp_path / "not_adapter"
+    not_adapter.mkdir()
     cases = [
         (["--base_model", tiny_model_dir, "--lora_model", str(tmp_path / "absent")], "folder not found"),
-        (["--base_model", tiny_model_dir, "--lora_model", str(tmp_path)], "adapter_config.json"),
+        (["--base_model", tiny_model_dir, "--lora_model", str(not_adapter)], "adapter_config.json"),
         (["--base_model", str(tmp_path / "nobase"), "--lora_model", adapter_dir], "base_model"),
         (["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--output_dir", str(full)], "--overwrite"),
     ]

@@ -40,7 +40,7 @@ import uuid
 import torch
 
 from cli_utils import HelpFormatter, check_output_dir, cli_error, write_json
-from esci_dataset import LABEL_GAIN, LABELS, PROMPT_VERSION, ESCIDataError, PromptTemplate, label_words
+from esci_dataset import SCORE_WEIGHTS, LABELS, PROMPT_VERSION, ESCIDataError, PromptTemplate, label_words
 from modeling import LABEL_CONFIG_NAME, detach_label_head, read_reranker_config, reranker_config
 from reranker import check_model_paths, load_reranker, stored_temperature, stored_template
 
@@ -88,9 +88,9 @@ def prompt_spec(tokenizer, label_ids: list[int], template: PromptTemplate, instr
         "labels": list(LABELS),
         "label_words": label_words(tokenizer),
         "label_token_ids": label_ids,
-        "label_gain": [LABEL_GAIN[label] for label in LABELS],
+        "score_weights": [SCORE_WEIGHTS[label] for label in LABELS],
         "temperature": temperature,
-        "score": "sum(gain * p) / 3 = (3*p_E + 2*p_S + 1*p_C + 0*p_I) / 3, p = softmax(outputs / temperature) "
+        "score": "sum(score_weights * p) / 3 = (3*p_E + 2*p_S + 1*p_C + 0*p_I) / 3, p = softmax(outputs / temperature) "
                  "over the 4 outputs",
         "notes": "prompt = template.format(query=query, document=item_text); the tokenizer adds no special "
                  "tokens. Read the output at the LAST prompt token. Training truncated only the document "

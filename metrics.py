@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn import metrics as skm
 
-from esci_dataset import LABEL_GAIN, LABEL_TEXT, LABELS
+from esci_dataset import SCORE_WEIGHTS, LABEL_TEXT, LABELS
 
 # ESCI ranking gains for nDCG (Amazon's Shopping Queries paper): exact 1.0, substitute 0.1, complement 0.01.
 NDCG_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
@@ -291,8 +291,8 @@ def _fmt(value) -> str:
 def _legend() -> list[str]:
     """Label meanings and the score formula, built from esci_dataset so they cannot drift from the code."""
     meanings = ", ".join(f"{label} = {LABEL_TEXT[label]}" for label in LABELS)
-    terms = " + ".join(f"{LABEL_GAIN[label]:g}·P({label})" for label in LABELS if LABEL_GAIN[label])
-    return [f"labels: {meanings}", f"score = ({terms}) / {max(LABEL_GAIN.values()):g}"]
+    terms = " + ".join(f"{SCORE_WEIGHTS[label]:g}·P({label})" for label in LABELS if SCORE_WEIGHTS[label])
+    return [f"labels: {meanings}", f"score = ({terms}) / {max(SCORE_WEIGHTS.values()):g}"]
 
 
 _NOT_GIVEN = object()

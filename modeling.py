@@ -27,7 +27,7 @@ from torch import nn
 from esci_dataset import (
     DEFAULT_TEMPLATE,
     INSTRUCT,
-    LABEL_GAIN,
+    SCORE_WEIGHTS,
     LABELS,
     PROMPT_VERSION,
     TEMPLATES_BY_VERSION,
@@ -126,7 +126,7 @@ def scores_from_probs(probs) -> np.ndarray:
 
     The one score function: numpy in, float64 out (torch tensors are converted).
     """
-    weights = np.array([LABEL_GAIN[label] for label in LABELS], dtype=np.float64)
+    weights = np.array([SCORE_WEIGHTS[label] for label in LABELS], dtype=np.float64)
     probs = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
     return probs.astype(np.float64) @ weights / weights.max()
 

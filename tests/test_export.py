@@ -149,7 +149,7 @@ def test_prompt_file_template_renders_our_prompt(exports):
     assert spec["template"].format(query=query, document=doc) == render_prompt(query, doc)
     assert spec["template"].startswith(spec["prefix"]) and spec["template"].endswith(spec["suffix"])
     assert spec["instruction"] in spec["prefix"]
-    assert spec["labels"] == list(LABELS) and spec["label_gain"] == [3.0, 2.0, 1.0, 0.0]
+    assert spec["labels"] == list(LABELS) and spec["score_weights"] == [3.0, 2.0, 1.0, 0.0]
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +172,7 @@ PLAIN_TRANSFORMERS_RANKER = textwrap.dedent("""
                 out = AutoModelForCausalLM.from_pretrained(folder)(**batch).logits
                 last = batch["attention_mask"].sum(1) - 1 if tok.padding_side == "right" else -1
                 logits = out[torch.arange(len(items)), last][:, spec["label_token_ids"]]
-        gain = torch.tensor(spec["label_gain"], dtype=torch.float32)
+        gain = torch.tensor(spec["score_weights"], dtype=torch.float32)
         return (logits.softmax(-1) @ gain / gain.max()).tolist()
 
     folders, query, items = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +38,7 @@ import torch
 
 from demo import build_tiny_model, qwen3_tokenizer_dir
 from batching import collate_left_padded
-from cli_utils import positive_int
+from cli_utils import positive_int, write_json
 from esci_dataset import LABELS, PromptEncoder, label_token_ids
 from modeling import apply_lora, attach_label_head, detach_label_head, load_tokenizer, pick_attn_implementation, resolve_dtype
 from reranker import Reranker
@@ -245,12 +244,13 @@ def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str):
     from transformers import Trainer
 
     import train as train_cli
+    import training
 
     args = train_cli.make_parser().parse_args(["--base_model", "-", "--train_file", "-", "--output_dir", workdir,
                                                "--per_device_train_batch_size", str(batch_size)])
-    targs = train_cli.training_arguments(args, next(model.parameters()).dtype, eval_enabled=False)
-    collator, prefix_ids = train_cli.step_collator(model, tokenizer, encoder, args, n_gpu=1)
-    ours = train_cli.LabelHeadTrainer(model=model, args=targs, data_collator=collator, prefix_ids=prefix_ids)
+    targs = training.training_arguments(args, next(model.parameters()).dtype, eval_enabled=False)
+    collator, prefix_ids = training.step_collator(model, tokenizer, encoder, args, n_gpu=1)
+    ours = training.LabelHeadTrainer(model=model, args=targs, data_collator=collator, prefix_ids=prefix_ids)
     naive = Trainer(model=model, args=targs)
     for trainer in (naive, ours):
         trainer.current_gradient_accumulation_steps = 1  # set per step by Trainer.train(), which we do not run
@@ -490,8 +490,7 @@ def run_benchmarks(args, workdir: str) -> int:
     for line in lines:
         print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

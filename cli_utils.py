@@ -143,15 +143,19 @@ def atomic_write_file(path: str, write: Callable[[str], None]) -> None:
     atomic_write(path, write)
 
 
-def write_json(path: str, obj: Any, indent: int = 2) -> None:
-    """Write ``obj`` as strict JSON (NaN/±inf -> null), atomically: ``path`` is complete or untouched."""
-    text = dumps_strict(obj, indent=indent, ensure_ascii=False) + "\n"
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically: ``path`` is complete or untouched."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
     atomic_write_file(path, write)
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as strict JSON (NaN/±inf -> null), atomically: ``path`` is complete or untouched."""
+    write_text(path, dumps_strict(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------

@@ -18,14 +18,12 @@ import logging
 import math
 import os
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import set_seed
 
-from batching import DEFAULT_MAX_MICRO_BATCHES, TrainStepCollator, step_logits
+from batching import DEFAULT_MAX_MICRO_BATCHES
+from checkpoints import check_resume_matches, prepare_output_dir, resolve_checkpoint
 from cli_utils import HelpFormatter, check_output_dir, cli_error, write_json
-from checkpoints import RUN_CONFIG_NAME, check_resume_matches, prepare_output_dir, resolve_checkpoint
 from esci_dataset import (
     INSTRUCT,
     LABELS,
@@ -36,7 +34,6 @@ from esci_dataset import (
     load_esci_parquet,
     split_by_query,
 )
-from metrics import calibration_before_after, classification_metrics, fit_temperature, majority_baseline, softmax
 from modeling import (
     DEFAULT_LORA_TARGETS,
     apply_lora,
@@ -46,10 +43,18 @@ from modeling import (
     load_tokenizer,
     parse_target_modules,
     resolve_dtype,
-    save_reranker_config,
 )
 from plots import plot_training
 from tokenized import tokenize_split
+from training import (
+    LabelHeadTrainer,
+    SaveRunContract,
+    compute_metrics,
+    fit_held_out_temperature,
+    save_run_contract,
+    step_collator,
+    training_arguments,
+)
 
 logger = logging.getLogger("train")
 
@@ -130,6 +135,14 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked (a bad value exits with code 2 before anything slow happens)."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
+    return args
+
+
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad flag values before anything slow happens (argparse exits with code 2)."""
     try:
@@ -161,141 +174,43 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 # ---------------------------------------------------------------------------
-# The loss, the Trainer and what every checkpoint carries
+# Set-up and wrap-up steps of main()
 # ---------------------------------------------------------------------------
-def label_head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the step's pairs on the 4 label logits (in fp32 for bf16 runs)."""
-    return F.cross_entropy(logits.float(), labels)
+def set_up_logging(args: argparse.Namespace, process_index: int) -> bool:
+    """INFO on the main process (which logs the flags once), warnings only on the others. True on the main one."""
+    is_main = process_index == 0
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if is_main else logging.WARNING)
+    if is_main:
+        logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
+    return is_main
 
 
-def compute_metrics(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    metrics = classification_metrics(labels, np.asarray(logits).argmax(axis=-1))
-    metrics["majority_accuracy"] = majority_baseline(labels)["accuracy"]
-    return metrics
+def prepare_run(args: argparse.Namespace, is_main: bool) -> str | None:
+    """Check --output_dir, find the checkpoint to resume (same model flags only) and clear or keep old runs."""
+    check_output_dir(args.output_dir, "--output_dir")
+    resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if resume:
+        check_resume_matches(resume, vars(args))
+    prepare_output_dir(args.output_dir, resume is not None, args.overwrite_output_dir, is_main)
+    return resume
 
 
-class LabelHeadTrainer(Trainer):
-    """The stock Trainer with CE over the label head on :class:`batching.TrainStepCollator` steps.
-
-    ``prefix_ids``: the shared prompt prefix the collator left out; it runs once
-    per step and every micro-batch attends to its keys/values.
-    """
-
-    # Our loss is a mean over the batch, so the Trainer divides it by the accumulation steps.
-    model_accepts_loss_kwargs = False
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args, prefix_ids=(), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # the base __init__ inspects the model and sets it again
-        self.prefix_ids = list(prefix_ids)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The prefix runs outside the DDP wrapper: its gradients still reach the same parameters.
-        logits = step_logits(model, inputs, self.prefix_ids, prefix_model=self.accelerator.unwrap_model(model))
-        loss = label_head_loss(logits, inputs["labels"])
-        return (loss, {"logits": logits}) if return_outputs else loss
+def load_training_data(args: argparse.Namespace):
+    """``(train_df, eval_df)``: the validated parquet, split by query (no query on both sides)."""
+    train_df, eval_df = split_by_query(load_esci_parquet(args.train_file), args.eval_ratio, args.seed)
+    logger.info("train rows %d, eval rows %d (split by query, seed %d)", len(train_df), len(eval_df), args.seed)
+    if args.eval_ratio > 0 and len(eval_df) == 0:
+        logger.warning("only one query in %s: no held-out split, periodic evaluation is off", args.train_file)
+    return train_df, eval_df
 
 
-class SaveRunContract(TrainerCallback):
-    """Write ``reranker_config.json`` and ``run_config.json`` into every checkpoint, so any of them can be
-    evaluated, and resumed only under the same model flags. Written after the Trainer's own files."""
-
-    def __init__(self, tokenizer, encoder: PromptEncoder, run_config: dict):
-        self.tokenizer, self.encoder, self.run_config = tokenizer, encoder, run_config
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            save_run_contract(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
-                              self.tokenizer, self.encoder, self.run_config)
-
-
-def save_run_contract(folder: str, tokenizer, encoder: PromptEncoder, run_config: dict,
-                      temperature: float | None = None) -> None:
-    """The label/prompt contract (with the exact template and any fitted temperature) and the run's flags."""
-    save_reranker_config(folder, tokenizer, run_config["base_model"], encoder.template, run_config.get("instruction"),
-                         temperature)
-    write_json(os.path.join(folder, RUN_CONFIG_NAME), run_config)
-    write_model_card(folder, run_config)
-
-
-def write_model_card(folder: str, run_config: dict) -> None:
-    """A short README.md of our own in place of peft's placeholder card ("[More Information Needed]")."""
-    card = (f"# ESCI reranker adapter (tiny-reranker)\n\nA LoRA adapter on `{run_config['base_model']}` that scores a "
-            "(query, product) pair as E exact / S substitute / C complement / I irrelevant, and ranks by\n"
-            "`score = (3·P(E) + 2·P(S) + 1·P(C)) / 3`.\n\nTrained by `train.py` on "
-            f"`{run_config['train_file']}`; every flag is in `run_config.json`, the prompt and label ids in "
-            "`reranker_config.json`, metrics in `train_metrics.json`.\n\n```bash\n"
-            f"python eval.py --base_model {run_config['base_model']} --lora_model <this folder> --eval_file test.parquet\n```\n")
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(card)
-
-
-# ---------------------------------------------------------------------------
-# Set-up pieces
-# ---------------------------------------------------------------------------
-def fit_held_out_temperature(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """One temperature for the held-out label logits ``[N, 4]``: ``{temperature, n, ece/brier/nll _before/_after}``."""
-    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-    temperature = fit_temperature(logits, labels)
-    return {"n": int(len(labels)), **calibration_before_after(softmax(logits), labels, temperature)}
-
-
-def launched_distributed() -> bool:
-    """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def checkpointing_arguments(enabled: bool) -> dict:
-    """Activation checkpointing for TrainingArguments, under the name this transformers uses (renamed in 5.x).
-    Non-reentrant: gradients reach the LoRA weights although the frozen embeddings need none."""
-    from transformers import TrainingArguments
-
-    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
-        else "gradient_checkpointing"
-    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
-
-
-def training_arguments(args: argparse.Namespace, dtype: torch.dtype, eval_enabled: bool):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type=args.lr_scheduler_type,
-        optim=args.optim,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        eval_strategy="steps" if eval_enabled else "no",
-        eval_steps=args.eval_steps or args.save_steps,
-        bf16=dtype == torch.bfloat16,
-        seed=args.seed,
-        report_to=[r for r in args.report_to.split(",") if r and r != "none"] or "none",
-        run_name=args.wandb_run_name,
-        remove_unused_columns=False,         # our collator needs every field
-        label_names=["labels"],
-        ddp_find_unused_parameters=False,    # every LoRA weight is used in every step
-        # A step runs as many forwards as it has micro-batches, which differs between ranks; buffer
-        # broadcasting is a collective in every forward and would deadlock. No buffer is ever trained.
-        ddp_broadcast_buffers=False,
-        # "random": every step an i.i.d. draw, each rank its shard of one permutation. Length grouping
-        # makes steps' label mixes follow length bands and can collapse training (see --group_by_length).
-        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        **checkpointing_arguments(args.gradient_checkpointing),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        # Without CUDA, torchrun needs gloo and an explicit CPU state, or each rank silently trains alone.
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if launched_distributed() and not torch.cuda.is_available() else None,
-    )
+def tokenize_splits(train_df, eval_df, encoder: PromptEncoder, args: argparse.Namespace):
+    """``(train_ds, eval_ds or None)``, tokenized into the Arrow cache under ``--output_dir/.tokenized``."""
+    cache = dict(source=args.train_file, output_dir=args.output_dir, num_proc=args.preprocessing_num_workers)
+    train_ds = tokenize_split(train_df, encoder, "train", **cache)
+    eval_ds = tokenize_split(eval_df, encoder, "eval", **cache) if len(eval_df) else None
+    return train_ds, eval_ds
 
 
 def load_tokenizer_and_model(args: argparse.Namespace, dtype: torch.dtype):
@@ -319,109 +234,101 @@ def add_lora_head(model, label_ids: list[int], args: argparse.Namespace):
         raise ESCIDataError(f"--lora_target_modules {args.lora_target_modules!r}: {str(exc).splitlines()[0]}") from None
 
 
-def step_collator(model, tokenizer, encoder: PromptEncoder, args: argparse.Namespace, n_gpu: int):
-    """``(collator, prefix_ids)``: packed steps under flash-attention (one process per GPU), else length-sorted
-    left-padded micro-batches without the shared prefix, which runs once per step. Not with gradient
-    checkpointing, whose recomputation would append to the prefix cache twice."""
-    if model.config._attn_implementation == "flash_attention_2" and n_gpu <= 1:
-        return TrainStepCollator(tokenizer.pad_token_id, packed=True), []
-    prefix_ids = [] if args.gradient_checkpointing else encoder.head_ids
-    return TrainStepCollator(tokenizer.pad_token_id, len(prefix_ids), args.max_micro_batches), prefix_ids
+def log_run_start(model, tokenizer, encoder: PromptEncoder, train_ds, label_ids: list[int], n_gpu: int) -> None:
+    """What a reader needs to trust the run: trainable parameters, label ids, one full prompt, truncation."""
+    model.print_trainable_parameters()
+    first = train_ds[0]
+    logger.info("label words %s -> ids %s", [tokenizer.decode([i]) for i in label_ids], label_ids)
+    logger.info("example prompt (%d tokens, label %s):\n%s", len(first["input_ids"]),
+                LABELS[first["labels"]], tokenizer.decode(first["input_ids"]))
+    if (warning := encoder.truncation_warning()):
+        logger.warning("training data: %s", warning)
+    if n_gpu > 1:
+        logger.warning("one process drives %d GPUs (DataParallel); torchrun is much faster: "
+                       "NPROC=%d bash scripts/run_train.sh", n_gpu, n_gpu)
 
 
+def evaluate_held_out(trainer: LabelHeadTrainer, eval_ds, calibrate: bool) -> dict:
+    """``{"eval": metrics, "calibration": {temperature, ...}}`` on the held-out split (empty without one)."""
+    if eval_ds is None:
+        if calibrate:
+            logger.warning("no held-out split, so no temperature was fitted: scoring will use the raw logits")
+        return {}
+    # predict() is evaluate()'s pass and metrics, and also returns the 4 label logits for calibration
+    held_out = trainer.predict(eval_ds, metric_key_prefix="eval")
+    trainer.log(held_out.metrics)
+    metrics = {"eval": held_out.metrics}
+    if calibrate:
+        metrics["calibration"] = fit_held_out_temperature(held_out.predictions, held_out.label_ids)
+    return metrics
+
+
+def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncoder, run_config: dict,
+                     metrics: dict) -> None:
+    """Rank 0: the contract (with the fitted temperature), train_metrics.json, the curves, and a summary."""
+    output_dir = trainer.args.output_dir
+    temperature = metrics.get("calibration", {}).get("temperature")
+    save_run_contract(output_dir, tokenizer, encoder, run_config, temperature)
+    write_json(os.path.join(output_dir, "train_metrics.json"), {**metrics, "log_history": trainer.state.log_history})
+    if "eval" in metrics:
+        e = metrics["eval"]
+        logger.info("held-out eval: accuracy %.4f (majority %.4f), macro-F1 %.4f",
+                    e["eval_accuracy"], e["eval_majority_accuracy"], e["eval_macro_f1"])
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        logger.info("temperature T=%.4f fitted on %d held-out pairs: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
+                    "(stored in reranker_config.json)", c["temperature"], c["n"], c["nll_before"], c["nll_after"],
+                    c["ece_before"], c["ece_after"])
+    curves = plot_training(trainer.state.log_history, os.path.join(output_dir, "train_curves.png"))
+    if curves:
+        logger.info("loss and held-out metrics over steps: %s", curves)
+    logger.info("saved LoRA reranker to %s", output_dir)
+
+
+# ---------------------------------------------------------------------------
+# The run, in order
+# ---------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    # 1. Arguments and logging ---------------------------------------------------
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    check_flags(parser, args)
+    # 1. Arguments and logging ---------------------------------------------------------------
+    args = parse_args(argv)
     dtype = resolve_dtype(args.dtype)
     targs = training_arguments(args, dtype, eval_enabled=args.eval_ratio > 0)
-    is_main = targs.process_index == 0
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if is_main else logging.WARNING)
-    if is_main:
-        logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
+    is_main = set_up_logging(args, targs.process_index)
     run_config = {**vars(args), "world_size": targs.world_size}
     try:
-        # 2. Output folder, resume point, data ---------------------------------------
-        check_output_dir(args.output_dir, "--output_dir")
-        resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        if resume:
-            check_resume_matches(resume, vars(args))
-        prepare_output_dir(args.output_dir, resume is not None, args.overwrite_output_dir, is_main)
-        train_df, eval_df = split_by_query(load_esci_parquet(args.train_file), args.eval_ratio, args.seed)
-        logger.info("train rows %d, eval rows %d (split by query, seed %d)", len(train_df), len(eval_df), args.seed)
+        # 2. Output folder and resume point; the data, split by query --------------------------
+        resume = prepare_run(args, is_main)
+        train_df, eval_df = load_training_data(args)
         if args.eval_ratio > 0 and len(eval_df) == 0:
-            logger.warning("only one query in %s: no held-out split, periodic evaluation is off", args.train_file)
             targs = training_arguments(args, dtype, eval_enabled=False)
-
-        # 3. Tokenizer, model, datasets ------------------------------------------------
+        # 3. Tokenizer, model, prompt; tokenized once per node (the other ranks load the cache) --
         tokenizer, model = load_tokenizer_and_model(args, dtype)
-        template = build_template(args.instruction or INSTRUCT)
-        encoder = PromptEncoder(tokenizer, args.max_length, template)
+        encoder = PromptEncoder(tokenizer, args.max_length, build_template(args.instruction or INSTRUCT))
         label_ids = label_token_ids(tokenizer)
-        # Each node's main process tokenizes into the cache; the other ranks wait, then load it memory-mapped.
         with targs.main_process_first(desc="tokenization"):
-            cache = dict(source=args.train_file, output_dir=args.output_dir, num_proc=args.preprocessing_num_workers)
-            train_ds = tokenize_split(train_df, encoder, "train", **cache)
-            eval_ds = tokenize_split(eval_df, encoder, "eval", **cache) if len(eval_df) else None
-        # 4. Label head, then LoRA (seeded: the LoRA init is random) ----------------------
+            train_ds, eval_ds = tokenize_splits(train_df, eval_df, encoder, args)
+        # 4. Label head, then LoRA (seeded: the LoRA init is random) ----------------------------
         set_seed(args.seed)
         model = add_lora_head(model, label_ids, args)
     except ESCIDataError as exc:
         return cli_error(exc)
     if is_main:
-        model.print_trainable_parameters()
-        first = train_ds[0]
-        logger.info("label words %s -> ids %s", [tokenizer.decode([i]) for i in label_ids], label_ids)
-        logger.info("example prompt (%d tokens, label %s):\n%s", len(first["input_ids"]),
-                    LABELS[first["labels"]], tokenizer.decode(first["input_ids"]))
-        if (warning := encoder.truncation_warning()):
-            logger.warning("training data: %s", warning)
+        log_run_start(model, tokenizer, encoder, train_ds, label_ids, targs.n_gpu)
 
-    if targs.n_gpu > 1:
-        logger.warning("one process drives %d GPUs (DataParallel); torchrun is much faster: "
-                       "NPROC=%d bash scripts/run_train.sh", targs.n_gpu, targs.n_gpu)
-
-    # 5. Trainer ---------------------------------------------------------------------------
+    # 5. Trainer: random steps, laid out by the step collator; the contract in every checkpoint
     collator, prefix_ids = step_collator(model, tokenizer, encoder, args, targs.n_gpu)
     trainer = LabelHeadTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, compute_metrics=compute_metrics, processing_class=tokenizer,
                                callbacks=[SaveRunContract(tokenizer, encoder, run_config)], prefix_ids=prefix_ids)
 
-    # 6. Train, save (adapter as safetensors, tokenizer, contract), evaluate ---------------
+    # 6. Train; save the adapter (safetensors) and tokenizer; evaluate and calibrate on held-out queries
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
-    metrics = {"train": result.metrics}
-    if eval_ds is not None:
-        # predict() is evaluate()'s pass and metrics, and also returns the 4 label logits for calibration
-        held_out = trainer.predict(eval_ds, metric_key_prefix="eval")
-        trainer.log(held_out.metrics)
-        metrics["eval"] = held_out.metrics
+    metrics = {"train": result.metrics, **evaluate_held_out(trainer, eval_ds, args.calibrate)}
 
-    # 7. Calibrate: one temperature fitted on the held-out logits, stored with the adapter ---
-    temperature = None
-    if args.calibrate and eval_ds is not None:
-        metrics["calibration"] = fit_held_out_temperature(held_out.predictions, held_out.label_ids)
-        temperature = metrics["calibration"]["temperature"]
-    elif args.calibrate:
-        logger.warning("no held-out split, so no temperature was fitted: scoring will use the raw logits")
+    # 7. Contract with the temperature, metrics JSON, curves (rank 0 only) ----------------------
     if trainer.is_world_process_zero():
-        save_run_contract(args.output_dir, tokenizer, encoder, run_config, temperature)
-        write_json(os.path.join(args.output_dir, "train_metrics.json"), {**metrics, "log_history": trainer.state.log_history})
-        if "eval" in metrics:
-            e = metrics["eval"]
-            logger.info("held-out eval: accuracy %.4f (majority %.4f), macro-F1 %.4f",
-                        e["eval_accuracy"], e["eval_majority_accuracy"], e["eval_macro_f1"])
-        if "calibration" in metrics:
-            c = metrics["calibration"]
-            logger.info("temperature T=%.4f fitted on %d held-out pairs: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
-                        "(stored in reranker_config.json)", c["temperature"], c["n"], c["nll_before"], c["nll_after"],
-                        c["ece_before"], c["ece_after"])
-        curves = plot_training(trainer.state.log_history, os.path.join(args.output_dir, "train_curves.png"))
-        if curves:
-            logger.info("loss and held-out metrics over steps: %s", curves)
-        logger.info("saved LoRA reranker to %s", args.output_dir)
+        save_run_outputs(trainer, tokenizer, encoder, run_config, metrics)
     return 0
 
 

@@ -13,7 +13,7 @@ import torch
 import eval as eval_cli
 import export as export_cli
 import predict as predict_cli
-import train as train_cli
+import training
 from esci_dataset import LABEL_TO_ID, ESCIDataError
 from metrics import nll, softmax
 from modeling import LABEL_CONFIG_NAME, temperature_from_config
@@ -69,7 +69,7 @@ def test_fitted_temperature_lowers_the_nll_of_pairs_it_was_not_fitted_on(tiny_mo
     logits = rr.predict_logits(df["query"].tolist(), df["item_text"].tolist())
     y = df["esci_label"].map(LABEL_TO_ID).to_numpy()
     fit, held_out = slice(0, 80), slice(80, 160)  # disjoint queries
-    fitted = train_cli.fit_held_out_temperature(logits[fit], y[fit])  # what train.py --calibrate runs
+    fitted = training.fit_held_out_temperature(logits[fit], y[fit])  # what train.py --calibrate runs
     assert fitted["nll_after"] < fitted["nll_before"] and fitted["n"] == 80
     t = fitted["temperature"]
     assert abs(t - 1.0) > 0.05, t  # the random adapter is mis-calibrated: there is something to fix

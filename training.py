@@ -1,0 +1,160 @@
+"""What train.py hands the Hugging Face Trainer: the label-head loss and Trainer, the TrainingArguments,
+the step collator, and the contract written into every checkpoint.
+
+``train.py`` is the script (flags, set-up, the run in order); this module is the training machinery it
+configures, which ``bench.py`` and the tests use as they are, so they time and test the real step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from batching import TrainStepCollator, step_logits
+from checkpoints import RUN_CONFIG_NAME
+from cli_utils import write_json, write_text
+from esci_dataset import PromptEncoder
+from metrics import calibration_before_after, classification_metrics, fit_temperature, majority_baseline, softmax
+from modeling import save_reranker_config
+
+
+def label_head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the step's pairs on the 4 label logits (in fp32 for bf16 runs)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    metrics = classification_metrics(labels, np.asarray(logits).argmax(axis=-1))
+    metrics["majority_accuracy"] = majority_baseline(labels)["accuracy"]
+    return metrics
+
+
+class LabelHeadTrainer(Trainer):
+    """The stock Trainer with CE over the label head on :class:`batching.TrainStepCollator` steps.
+
+    ``prefix_ids``: the shared prompt prefix the collator left out; it runs once
+    per step and every micro-batch attends to its keys/values.
+    """
+
+    # Our loss is a mean over the batch, so the Trainer divides it by the accumulation steps.
+    model_accepts_loss_kwargs = False
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, prefix_ids=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the base __init__ inspects the model and sets it again
+        self.prefix_ids = list(prefix_ids)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The prefix runs outside the DDP wrapper: its gradients still reach the same parameters.
+        logits = step_logits(model, inputs, self.prefix_ids, prefix_model=self.accelerator.unwrap_model(model))
+        loss = label_head_loss(logits, inputs["labels"])
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class SaveRunContract(TrainerCallback):
+    """Write ``reranker_config.json`` and ``run_config.json`` into every checkpoint, so any of them can be
+    evaluated, and resumed only under the same model flags. Written after the Trainer's own files."""
+
+    def __init__(self, tokenizer, encoder: PromptEncoder, run_config: dict):
+        self.tokenizer, self.encoder, self.run_config = tokenizer, encoder, run_config
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            save_run_contract(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
+                              self.tokenizer, self.encoder, self.run_config)
+
+
+def save_run_contract(folder: str, tokenizer, encoder: PromptEncoder, run_config: dict,
+                      temperature: float | None = None) -> None:
+    """The label/prompt contract (with the exact template and any fitted temperature) and the run's flags."""
+    save_reranker_config(folder, tokenizer, run_config["base_model"], encoder.template, run_config.get("instruction"),
+                         temperature)
+    write_json(os.path.join(folder, RUN_CONFIG_NAME), run_config)
+    write_model_card(folder, run_config)
+
+
+def write_model_card(folder: str, run_config: dict) -> None:
+    """A short README.md of our own in place of peft's placeholder card ("[More Information Needed]")."""
+    card = (f"# ESCI reranker adapter (tiny-reranker)\n\nA LoRA adapter on `{run_config['base_model']}` that scores a "
+            "(query, product) pair as E exact / S substitute / C complement / I irrelevant, and ranks by\n"
+            "`score = (3·P(E) + 2·P(S) + 1·P(C)) / 3`.\n\nTrained by `train.py` on "
+            f"`{run_config['train_file']}`; every flag is in `run_config.json`, the prompt and label ids in "
+            "`reranker_config.json`, metrics in `train_metrics.json`.\n\n```bash\n"
+            f"python eval.py --base_model {run_config['base_model']} --lora_model <this folder> --eval_file test.parquet\n```\n")
+    write_text(os.path.join(folder, "README.md"), card)
+
+
+def fit_held_out_temperature(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """One temperature for the held-out label logits ``[N, 4]``: ``{temperature, n, ece/brier/nll _before/_after}``."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    temperature = fit_temperature(logits, labels)
+    return {"n": int(len(labels)), **calibration_before_after(softmax(logits), labels, temperature)}
+
+
+def launched_distributed() -> bool:
+    """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Activation checkpointing for TrainingArguments, under the name this transformers uses (renamed in 5.x).
+    Non-reentrant: gradients reach the LoRA weights although the frozen embeddings need none."""
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def training_arguments(args: argparse.Namespace, dtype: torch.dtype, eval_enabled: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+        optim=args.optim,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="steps" if eval_enabled else "no",
+        eval_steps=args.eval_steps or args.save_steps,
+        bf16=dtype == torch.bfloat16,
+        seed=args.seed,
+        report_to=[r for r in args.report_to.split(",") if r and r != "none"] or "none",
+        run_name=args.wandb_run_name,
+        remove_unused_columns=False,         # our collator needs every field
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,    # every LoRA weight is used in every step
+        # A step runs as many forwards as it has micro-batches, which differs between ranks; buffer
+        # broadcasting is a collective in every forward and would deadlock. No buffer is ever trained.
+        ddp_broadcast_buffers=False,
+        # "random": every step an i.i.d. draw, each rank its shard of one permutation. Length grouping
+        # makes steps' label mixes follow length bands and can collapse training (see --group_by_length).
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        **checkpointing_arguments(args.gradient_checkpointing),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Without CUDA, torchrun needs gloo and an explicit CPU state, or each rank silently trains alone.
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if launched_distributed() and not torch.cuda.is_available() else None,
+    )
+
+
+def step_collator(model, tokenizer, encoder: PromptEncoder, args: argparse.Namespace, n_gpu: int):
+    """``(collator, prefix_ids)``: packed steps under flash-attention (one process per GPU), else length-sorted
+    left-padded micro-batches without the shared prefix, which runs once per step. Not with gradient
+    checkpointing, whose recomputation would append to the prefix cache twice."""
+    if model.config._attn_implementation == "flash_attention_2" and n_gpu <= 1:
+        return TrainStepCollator(tokenizer.pad_token_id, packed=True), []
+    prefix_ids = [] if args.gradient_checkpointing else encoder.head_ids
+    return TrainStepCollator(tokenizer.pad_token_id, len(prefix_ids), args.max_micro_batches), prefix_ids

@@ -96,18 +96,30 @@ def run_identity(args_dict: dict) -> dict:
     return ident
 
 
+def saved_identity(checkpoint: str) -> dict:
+    """The identity flags ``checkpoint`` was trained with, from its ``run_config.json``.
+
+    A run killed between the Trainer's save and our callback's leaves a resumable checkpoint without it;
+    then the LoRA rank and alpha come from ``adapter_config.json``, which the Trainer always writes.
+    """
+    try:
+        return run_identity(_read_json(os.path.join(checkpoint, RUN_CONFIG_NAME)))
+    except (OSError, ValueError):
+        pass
+    try:
+        adapter = _read_json(os.path.join(checkpoint, "adapter_config.json"))
+    except (OSError, ValueError):
+        adapter = {}
+    logger.warning("%s has no readable %s (killed before it was written?): checking only --lora_r and --lora_alpha, "
+                   "from adapter_config.json", checkpoint, RUN_CONFIG_NAME)
+    return {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha")}
+
+
 def check_resume_matches(checkpoint: str, args_dict: dict) -> None:
     """Refuse to resume ``checkpoint`` under flags that change the model (exit-2 message naming them)."""
-    path = os.path.join(checkpoint, RUN_CONFIG_NAME)
-    try:
-        saved = run_identity(_read_json(path))
-    except (OSError, ValueError):
-        logger.warning("%s has no readable %s: cannot check that it was trained with the same flags", checkpoint,
-                       RUN_CONFIG_NAME)
-        return
-    current = run_identity(args_dict)
+    saved, current = saved_identity(checkpoint), run_identity(args_dict)
     differ = [f"--{k} {saved[k]!r} (checkpoint) vs {current[k]!r} (now)" for k in RUN_IDENTITY_FLAGS
-              if k in saved and saved[k] is not None and saved[k] != current[k]]
+              if saved.get(k) is not None and saved[k] != current[k]]
     if differ:
         raise ESCIDataError(f"{checkpoint} was trained with other flags, so resuming would mix two runs: "
                             + "; ".join(differ) + ". Resume with the checkpoint's flags, or start a fresh run in "

@@ -381,6 +381,9 @@ def load_esci_parquet(path: str, require_labels: bool = True) -> pd.DataFrame:
     preserved and the index reset to 0..n-1. Raises :class:`ESCIDataError`.
     """
     path = str(path)
+    if not os.path.exists(path):
+        raise ESCIDataError(f"{path}: file not found. prepare_esci.py makes the train and test parquet files from "
+                            "the official ESCI release (README: Data preparation)")
     df = read_table(path).reset_index(drop=True)
     required = REQUIRED_COLUMNS if require_labels else REQUIRED_COLUMNS[:2]
     require_columns(df, required, path)

@@ -47,6 +47,7 @@ from esci_dataset import LABEL_TO_ID, LABELS, ESCIDataError, load_esci_parquet, 
 from metrics import evaluation_report, format_report, mean_ndcg
 from modeling import LABEL_CONFIG_NAME
 from reranker import (
+    OUTPUT_COLUMNS,
     PROB_COLUMNS,
     check_model_paths,
     prediction_columns,
@@ -58,6 +59,7 @@ from reranker import (
 logger = logging.getLogger("eval")
 N_SHOWN = 5  # worst queries and confident mistakes printed and kept in the JSON
 SCORE_FORMATS = (".parquet", ".csv")
+SCORE_COLUMNS = ("true_label", *OUTPUT_COLUMNS)  # what --save_scores_path adds to the input columns
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,11 @@ def make_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("outputs")
     g.add_argument("--save_scores_path", type=str, default=None,
-                   help="write per-row p_E,p_S,p_C,p_I,score,pred_label (.parquet or .csv by extension), in input order")
+                   help="write every input column plus true_label, p_E, p_S, p_C, p_I, score, pred_label (.parquet or "
+                        ".csv by extension), in input order")
+    g.add_argument("--column_prefix", type=str, default="",
+                   help="write our columns in --save_scores_path as PREFIX + name (e.g. eval_ -> eval_score); needed "
+                        f"when the eval file already has a column named {', '.join(SCORE_COLUMNS)} (default: %(default)r)")
     g.add_argument("--metrics_path", type=str, default=None,
                    help="metrics JSON (default: <lora_model>/eval_metrics.json, or ./eval_metrics.json without an adapter)")
     g.add_argument("--no_plots", action="store_true",
@@ -92,7 +98,17 @@ def check_outputs(args, metrics_path: str) -> None:
 
 
 def load_eval_data(args) -> pd.DataFrame:
+    """The validated eval file (first --max_samples rows); with --save_scores_path, none of its columns may be
+    one we would write (a user's own ``score`` column is never silently replaced)."""
     df = load_esci_parquet(args.eval_file)
+    if args.save_scores_path:
+        clash = [args.column_prefix + name for name in SCORE_COLUMNS if args.column_prefix + name in df.columns]
+        if clash:
+            raise ESCIDataError(
+                f"{args.eval_file}: column(s) {', '.join(map(repr, clash))} would be overwritten in --save_scores_path "
+                f"{args.save_scores_path}; rename {'it' if len(clash) == 1 else 'them'}, or pass --column_prefix PREFIX "
+                f"to write ours as PREFIX + name (e.g. --column_prefix eval_ gives "
+                f"{', '.join('eval_' + name.removeprefix(args.column_prefix) for name in clash)})")
     return df.head(args.max_samples) if args.max_samples is not None else df
 
 
@@ -122,14 +138,15 @@ def write_table(frame: pd.DataFrame, tmp: str, path: str) -> None:
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
-def scores_frame(df: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
-    """Input columns + true label + prediction + probabilities + score, one row per input, input order."""
+def scores_frame(df: pd.DataFrame, probs: np.ndarray, prefix: str = "") -> pd.DataFrame:
+    """Input columns + true label + prediction + probabilities + score (ours named ``prefix + name``),
+    one row per input, input order."""
     out = df.copy()
-    out["true_label"] = df["esci_label"]
+    out[prefix + "true_label"] = df["esci_label"]
     columns = prediction_columns(probs)
-    out["pred_label"] = columns.pop("pred_label")
+    out[prefix + "pred_label"] = columns.pop("pred_label")
     for name, values in columns.items():
-        out[name] = values
+        out[prefix + name] = values
     return out
 
 
@@ -277,19 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     if not shard.is_main:
         return 0
     probs = probs_from_logits(logits, reranker.temperature)  # exactly what Reranker and predict.py give
-    frame = scores_frame(df, probs)
 
     # 4. Metrics and the printed report ------------------------------------------------
     report = build_report(df, logits, probs, temperature)
     report["adapter"] = adapter_description(args)
-    report["misclassified_examples"] = misclassified_examples(frame)
+    report["misclassified_examples"] = misclassified_examples(scores_frame(df[["query", "item_text", "esci_label"]],
+                                                                           probs))
     report["config"] = vars(args)
     print_report(report, report["adapter"])
 
     # 5. Write scores, metrics, plots (a write that fails keeps the results in the temp folder) -
     rc = 0
     if args.save_scores_path:
-        path = args.save_scores_path
+        path, frame = args.save_scores_path, scores_frame(df, probs, args.column_prefix)
         rc = max(rc, logged("scores", path, save_or_fallback(path, lambda tmp: write_table(frame, tmp, path),
                                                               "--save_scores_path")))
     rc = max(rc, logged("metrics", metrics_path,

@@ -175,14 +175,28 @@ def resolve_dtype(dtype: "torch.dtype | str | None") -> torch.dtype:
 PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin", "training_args.bin")
 
 
+def _is_pickle_weights(name: str) -> bool:
+    return name in PICKLE_WEIGHT_NAMES[:3] or (name.startswith("pytorch_model-") and name.endswith(".bin"))
+
+
+def _is_safetensors_weights(name: str) -> bool:
+    """The names transformers and peft load weights from: model(-0000i-of-0000n).safetensors (+ index),
+    adapter_model.safetensors. Any other ``*.safetensors`` in the folder is not what would be loaded."""
+    return name in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors") or (
+        name.startswith("model-") and name.endswith(".safetensors"))
+
+
 def check_safetensors_only(folder: str, what: str) -> None:
-    """Refuse a folder whose weights exist only as pickles: unpickling can run code. ESCIDataError otherwise."""
+    """Refuse a folder whose weights exist only as pickles: unpickling can run code. ESCIDataError otherwise.
+
+    A pickle next to an unrelated ``*.safetensors`` file is still refused: the loaders would read the pickle.
+    """
     if not os.path.isdir(folder):
         return
     names = os.listdir(folder)
-    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+    if any(_is_safetensors_weights(n) for n in names):
         return
-    pickles = sorted(n for n in names if n in PICKLE_WEIGHT_NAMES[:3] or (n.startswith("pytorch_model-") and n.endswith(".bin")))
+    pickles = sorted(n for n in names if _is_pickle_weights(n))
     if pickles:
         raise ESCIDataError(
             f"{what} {folder}: holds only pickle weights ({', '.join(pickles)}). Only safetensors are loaded, because "
@@ -198,10 +212,13 @@ def check_hub_reachable(name: str, what: str, timeout: float = 10.0) -> None:
     """
     if os.path.isdir(os.path.expanduser(name)):
         return
-    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str) or os.environ.get("HF_HUB_OFFLINE") == "1":
-        return  # cached, or offline mode (which fails fast by itself)
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ESCIDataError(f"{what} {name!r} is not a local folder, is not in the Hugging Face cache, and "
+                            "HF_HUB_OFFLINE is set; download it where there is network and pass the local folder instead")
     try:
         HfApi().model_info(name, timeout=timeout)
     except Exception as exc:  # unreachable host, unknown repo, gated repo: all mean "pass a local folder"

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import time
 
 import pytest
 import torch
@@ -72,6 +74,27 @@ def test_resuming_under_other_model_flags_names_them(tmp_path):
         check_resume_matches(path, {**same, "lora_r": 16})
 
 
+def test_a_checkpoint_killed_before_its_run_config_still_checks_the_lora_rank(tmp_path):
+    path = _checkpoint(str(tmp_path), 4)
+    os.remove(os.path.join(path, "run_config.json"))  # the on-save callback writes it after the Trainer's files
+    same = {"base_model": "m", "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj", "instruction": None}
+    check_resume_matches(path, same)
+    with pytest.raises(ESCIDataError, match="--lora_r 8 \\(checkpoint\\) vs 16 \\(now\\)"):
+        check_resume_matches(path, {**same, "lora_r": 16})
+
+
+def test_train_refuses_to_resume_under_another_lora_rank_end_to_end(tmp_path, tiny_model_dir, demo_data, capsys):
+    out = str(tmp_path / "out")
+    _checkpoint(out, 4, run_config={"base_model": tiny_model_dir, "lora_r": 8, "lora_alpha": 16,
+                                    "lora_target_modules": "q_proj", "instruction": None})
+    rc = train_cli.main(["--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", out,
+                         "--lora_target_modules", "q_proj", "--lora_alpha", "16", "--lora_r", "16",
+                         "--resume_from_checkpoint", "latest"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--lora_r 8 (checkpoint) vs 16 (now)" in err and "Traceback" not in err
+    assert "--lora_alpha" not in err  # only the flag that differs is named
+
+
 def test_train_refuses_a_reused_output_dir_end_to_end(tmp_path, tiny_model_dir, demo_data, capsys):
     _checkpoint(str(tmp_path / "out"), 4)
     rc = train_cli.main(["--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", str(tmp_path / "out")])
@@ -85,14 +108,18 @@ def test_train_refuses_a_reused_output_dir_end_to_end(tmp_path, tiny_model_dir, 
 def test_bad_numbers_are_flag_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as info:
         train_cli.main(["--base_model", "m", "--train_file", "t.parquet", "--output_dir", "o", flag, value])
-    assert info.value.code == 2 and flag in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and flag in err and value in err
 
 
+@pytest.mark.parametrize("bystander", [None, "other.safetensors"])  # not a file the loaders would read instead
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "adapter_model.bin"])
-def test_pickle_only_weights_are_refused(tmp_path, tiny_model_dir, name):
+def test_pickle_only_weights_are_refused(tmp_path, tiny_model_dir, name, bystander):
     folder = tmp_path / "pickled"
     folder.mkdir()
     (folder / name).write_bytes(b"not even unpickled")
+    if bystander:
+        (folder / bystander).write_bytes(b"")
     (folder / "adapter_config.json").write_text('{"r": 8}')
     with pytest.raises(ESCIDataError, match="only pickle weights .*save_pretrained"):
         if name == "adapter_model.bin":
@@ -108,8 +135,26 @@ def test_an_unreachable_hub_id_fails_fast_with_a_hint(monkeypatch):
 
     monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
     with pytest.raises(ESCIDataError, match="not a local folder .*pass the local folder"):
         check_model_paths("Qwen/Qwen3-0.6B-not-cached")
+    assert time.perf_counter() - start < 5  # not a minute of download retries
+
+
+def test_an_uncached_hub_id_in_offline_mode_says_to_pass_a_local_folder(monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    with pytest.raises(ESCIDataError, match="HF_HUB_OFFLINE is set; .*pass the local folder"):
+        check_model_paths("Qwen/Qwen3-0.6B-not-cached")
+
+
+def test_an_empty_adapter_config_is_a_clear_error(tmp_path, tiny_model_dir, adapter_dir):
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, folder)
+    (folder / "adapter_config.json").write_text("")
+    with pytest.raises(ESCIDataError, match="adapter_config.json.*not a readable JSON"):
+        check_model_paths(tiny_model_dir, str(folder))
 
 
 def test_a_truncated_adapter_weights_file_is_a_clear_error(tmp_path, tiny_model_dir, adapter_dir):

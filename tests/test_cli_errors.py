@@ -29,7 +29,7 @@ def _bad_files(tmp_path):
     add("null_query", pd.DataFrame({**GOOD, "query": ["usb", None]}), "'query'", "row 1: null")
     add("empty_item", pd.DataFrame({**GOOD, "item_text": ["", "x"]}), "'item_text'", "row 0: ''")
     add("empty_file", pd.DataFrame(GOOD).iloc[0:0], "no rows")
-    cases.append(("missing_file", str(tmp_path / "absent.parquet"), ("file not found",)))
+    cases.append(("missing_file", str(tmp_path / "absent.parquet"), ("file not found", "prepare_esci.py")))
     return cases
 
 

@@ -197,3 +197,23 @@ def test_help_shows_defaults_and_the_new_flags(capsys):
     text = " ".join(capsys.readouterr().out.split())  # help lines wrap anywhere
     for words in ("--no_plots", "--no_temperature", "--metrics_path", "(default: 512)", "(default: auto)", "torchrun"):
         assert words in text, words
+
+
+def test_user_columns_named_like_ours_are_refused_then_kept_beside_prefixed_ones(setup, capsys, monkeypatch):
+    table = pd.read_parquet(setup.data)
+    table["score"] = np.arange(len(table)) / 10  # e.g. the shop's current ranking score
+    table["true_label"] = "from the shop"
+    table.to_parquet(setup.data)
+    monkeypatch.setattr(eval_cli, "reranker_from_args", lambda *a, **k: pytest.fail("the model loaded first"))
+    rc, _, err, _ = run(setup, capsys)
+    assert rc == 2 and "'score'" in err and "'true_label'" in err and "--column_prefix" in err
+    assert "Traceback" not in err and not (setup.out / "s.parquet").exists()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(eval_cli, "reranker_from_args", lambda args, device=None: FakeReranker())
+    rc, _, _, report = run(setup, capsys, "--column_prefix", "eval_")
+    saved = pd.read_parquet(setup.out / "s.parquet")
+    assert rc == 0 and report["n"] == len(ROWS)
+    np.testing.assert_array_equal(saved["score"], table["score"])  # the user's columns, untouched
+    assert (saved["true_label"] == "from the shop").all() and (saved["eval_true_label"] == table["esci_label"]).all()
+    assert {"eval_score", "eval_pred_label", *(f"eval_{c}" for c in PROB_COLUMNS)} <= set(saved.columns)

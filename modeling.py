@@ -38,8 +38,17 @@ from esci_dataset import (
 )
 
 logger = logging.getLogger(__name__)
-# peft asks a deprecated transformers property on every load; nothing a user can act on.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+
+
+def silence_third_party_warnings() -> None:
+    """Hide deprecation warnings a user of this toolkit cannot act on (called once, at import).
+
+    peft reads transformers' deprecated ``is_gradient_checkpointing`` on every adapter load.
+    """
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+
+
+silence_third_party_warnings()
 
 LABEL_CONFIG_NAME = "reranker_config.json"
 DEFAULT_LORA_TARGETS = "q_proj,v_proj"

@@ -96,6 +96,14 @@ def check_adapter_config(lora_model: str) -> None:
     read_json_object(os.path.join(lora_model, "adapter_config.json"))
 
 
+def reranker_tokenizer(base_model: str, lora_model: str | None = None):
+    """The adapter folder's tokenizer when it holds one (the one training used), else the base model's."""
+    base_model = os.path.expanduser(base_model)
+    lora_model = os.path.expanduser(lora_model) if lora_model else None
+    has_tokenizer = lora_model and os.path.exists(os.path.join(lora_model, "tokenizer_config.json"))
+    return load_tokenizer(lora_model if has_tokenizer else base_model)
+
+
 def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.dtype = torch.float32,
                   no_flash_attn: bool = False, device: torch.device | str | None = None):
     """Base model (+ LoRA adapter) with the 4-row label head, in eval mode. Returns ``(model, tokenizer)``.
@@ -106,8 +114,7 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
     """
     base_model = os.path.expanduser(base_model)
     lora_model = os.path.expanduser(lora_model) if lora_model else None
-    has_tokenizer = lora_model and os.path.exists(os.path.join(lora_model, "tokenizer_config.json"))
-    tokenizer = load_tokenizer(lora_model if has_tokenizer else base_model)
+    tokenizer = reranker_tokenizer(base_model, lora_model)
     model = load_base_model(base_model, dtype=dtype, no_flash_attn=no_flash_attn)
     if lora_model:
         from peft import PeftModel
@@ -261,6 +268,9 @@ class Reranker:
         Missing folders raise :class:`ESCIDataError`.
         """
         check_model_paths(base_model, lora_model)
+        template = stored_template(base_model, lora_model)
+        # max_length too small for the stored template: say so before the (slow) model load
+        PromptEncoder(reranker_tokenizer(base_model, lora_model), max_length, template)
         if temperature is None:
             temperature = stored_temperature(base_model, lora_model) or 1.0
             if temperature != 1.0:
@@ -268,7 +278,7 @@ class Reranker:
                             "(temperature=1.0, or --no_temperature, scores the raw logits)", temperature)
         model, tokenizer = load_reranker(base_model, lora_model, resolve_dtype(dtype), no_flash_attn, device)
         return cls(model, tokenizer, max_length, batch_size, max_batch_tokens,
-                   template=stored_template(base_model, lora_model), temperature=temperature)
+                   template=template, temperature=temperature)
 
     def encode(self, queries: Sequence[str], items: Sequence[str]) -> list[list[int]]:
         """Prompt token ids, exactly as ``ESCIMultiClassRerankDataset`` builds them (truncation included)."""

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 
-import torch
 from transformers import set_seed
 
 from batching import DEFAULT_MAX_MICRO_BATCHES
@@ -213,16 +212,14 @@ def tokenize_splits(train_df, eval_df, encoder: PromptEncoder, args: argparse.Na
     return train_ds, eval_ds
 
 
-def load_tokenizer_and_model(args: argparse.Namespace, dtype: torch.dtype):
-    """Tokenizer and base model; a folder or hub id that cannot be loaded is a user error naming --base_model."""
-    check_hub_reachable(args.base_model, "--base_model")
+def load_base(args: argparse.Namespace, load, check_hub: bool = True):
+    """``load(--base_model)`` (its tokenizer or model); a folder or hub id that cannot be loaded is a user error."""
+    if check_hub:
+        check_hub_reachable(args.base_model, "--base_model")
     try:
-        tokenizer = load_tokenizer(args.base_model)
-        model = load_base_model(args.base_model, dtype, args.no_flash_attn)
+        return load(args.base_model)
     except (OSError, ValueError) as exc:
         raise ESCIDataError(f"cannot load --base_model {args.base_model!r}: {str(exc).strip().splitlines()[0]}") from None
-    model.config.use_cache = False
-    return tokenizer, model
 
 
 def add_lora_head(model, label_ids: list[int], args: argparse.Namespace):
@@ -301,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         train_df, eval_df = load_training_data(args)
         if args.eval_ratio > 0 and len(eval_df) == 0:
             targs = training_arguments(args, dtype, eval_enabled=False)
-        # 3. Tokenizer, model, prompt; tokenized once per node (the other ranks load the cache) --
-        tokenizer, model = load_tokenizer_and_model(args, dtype)
+        # 3. Tokenizer and prompt (--max_length checked against it), model; tokenized once per node
+        tokenizer = load_base(args, load_tokenizer)
         encoder = PromptEncoder(tokenizer, args.max_length, build_template(args.instruction or INSTRUCT))
         label_ids = label_token_ids(tokenizer)
+        model = load_base(args, lambda path: load_base_model(path, dtype, args.no_flash_attn), check_hub=False)
+        model.config.use_cache = False
         with targs.main_process_first(desc="tokenization"):
             train_ds, eval_ds = tokenize_splits(train_df, eval_df, encoder, args)
         # 4. Label head, then LoRA (seeded: the LoRA init is random) ----------------------------

@@ -7,10 +7,11 @@ Adding a case is one line in CASES. In ``argv`` (split like a shell line) these 
     {ok}      {tmp}/ok.jsonl, one good pair line      {file}  {tmp}/a_file, a plain file
     {esci}    {tmp}/esci, a small valid ESCI release
     {tiny}    the tiny Qwen3 (session fixture)          {adapter}  a real LoRA folder for it (session fixture)
+    {data}    {tmp}/data.parquet, a valid two-row ESCI file
 
 COMMON[cli] goes in front of ``argv``; argparse keeps the last value of a repeated flag, so a
-case can override it. Model loading is blocked (the cases must fail before it) unless the case
-names {tiny} or {adapter}. ``files`` maps a path in {tmp} to text, bytes, a writer function
+case can override it. Loading model weights is blocked: every case must fail before it (a case
+that names {tiny} or {adapter} may load their tokenizer). ``files`` maps a path in {tmp} to text, bytes, a writer function
 or None (a folder). Cases run in-process; ``stdin`` is decoded as UTF-8 with surrogateescape,
 as Python reads a pipe under the C/POSIX locale (a UTF-8 locale fails earlier, on decoding,
 which tests/test_predict.py covers with a file).
@@ -49,6 +50,10 @@ COMMON = {
     "predict": "--base_model {base} --lora_model {lora}",
     "export": "--base_model {base} --lora_model {lora} --format merged --output_dir {tmp}/out",
     "prepare_esci": "--esci_dir {esci} --output_dir {tmp}/out",
+    "train": "--base_model {tiny} --train_file {data} --output_dir {tmp}/o",
+    "eval": "--base_model {base} --eval_file {data} --metrics_path {tmp}/m.json",
+    "bench": "--model tiny",
+    "demo": "--out_dir {tmp}/demo",
 }
 
 
@@ -132,6 +137,34 @@ CASES = {
     "prepare_output_is_a_file": Case("prepare_esci", "--output_dir {file}", ("--output_dir", "a_file", "is a file")),
     "prepare_output_under_a_file": Case("prepare_esci", "--output_dir {file}/out", ("--output_dir", "a_file", "not a folder")),
     "prepare_max_item_chars": Case("prepare_esci", "--max_item_chars 0", ("--max_item_chars", "got 0")),
+    # train: numbers, files, output folders and checkpoints, all before the model loads ---------------
+    "train_learning_rate_nan": Case("train", "--learning_rate nan", ("--learning_rate", "nan")),
+    "train_epochs_negative": Case("train", "--num_train_epochs -1", ("--num_train_epochs", "-1")),
+    "train_max_length_below_template": Case("train", "--max_length 70", ("max_length=70", "too small")),
+    "train_missing_file": Case("train", "--train_file {tmp}/absent.parquet", ("absent.parquet", "file not found",
+                                                                               "prepare_esci.py")),
+    "train_reused_output_dir": Case("train", "", ("--output_dir", "checkpoint-4", "--overwrite_output_dir"),
+                                    files={"o/checkpoint-4/trainer_state.json": '{"global_step": 4}'}),
+    "train_resume_corrupt_state": Case("train", "--resume_from_checkpoint {tmp}/o/checkpoint-4",
+                                       ("checkpoint-4", "unreadable"), files={"o/checkpoint-4/trainer_state.json": '{"glo'}),
+    "train_resume_latest_none": Case("train", "--resume_from_checkpoint latest", ("latest", "no checkpoint-*")),
+    # eval: model folders that would crash the loaders, user columns, the max_length floor ------------
+    "eval_empty_adapter_config": Case("eval", "--lora_model {tmp}/l2", ("adapter_config.json", "not a readable JSON"),
+                                      files={"l2/adapter_config.json": ""}),
+    "eval_junk_adapter_weights": Case("eval", "--lora_model {tmp}/l2", ("adapter_model.safetensors", "unreadable"),
+                                      files={"l2/adapter_config.json": "{}", "l2/adapter_model.safetensors": b"0123456789"}),
+    "eval_pickle_only_base": Case("eval", "--base_model {tmp}/pb", ("pytorch_model.bin", "save_pretrained"),
+                                  files={"pb/pytorch_model.bin": b"not unpickled"}),
+    "eval_missing_file": Case("eval", "--eval_file {tmp}/absent.parquet", ("absent.parquet", "prepare_esci.py")),
+    "eval_user_score_column": Case("eval", "--eval_file {tmp}/e.parquet --save_scores_path {tmp}/s.parquet",
+                                   ("e.parquet", "'score'", "--column_prefix"),
+                                   files={"e.parquet": parquet(query=["q"], item_text=["x"], esci_label=["E"], score=[0.5])}),
+    "eval_max_length_below_template": Case("eval", "--base_model {tiny} --max_length 70", ("max_length=70", "too small")),
+    "eval_batch_size_zero": Case("eval", "--batch_size 0", ("--batch_size", "0")),
+    # bench and demo: sizes -------------------------------------------------------------------------
+    "bench_n_queries_zero": Case("bench", "--n_queries 0", ("--n_queries", "0")),
+    "bench_repeats_negative": Case("bench", "--repeats -2", ("--repeats", "-2")),
+    "demo_test_queries_zero": Case("demo", "--n_test_queries 0", ("--n_test_queries", "0")),
 }
 
 
@@ -145,8 +178,10 @@ def make_case_dir(tmp) -> dict[str, str]:
     (tmp / "ok.jsonl").write_text(line(query="q", item_text="x"))
     (tmp / "a_file").write_text("not a folder")
     write_release(tmp / "esci")
+    parquet(query=["usb c charger", "hdmi cable"], item_text=["Anker charger", "HDMI 2.1 cable"],
+            esci_label=["E", "I"])(str(tmp / "data.parquet"))
     return {"tmp": str(tmp), "base": str(tmp / "base"), "lora": str(tmp / "lora"), "ok": str(tmp / "ok.jsonl"),
-            "file": str(tmp / "a_file"), "esci": str(tmp / "esci")}
+            "file": str(tmp / "a_file"), "esci": str(tmp / "esci"), "data": str(tmp / "data.parquet")}
 
 
 def write_files(tmp, files: dict) -> None:
@@ -184,12 +219,11 @@ def test_bad_input_is_exit_2_with_a_message_naming_it(name, tmp_path, capsys, mo
     case = CASES[name]
     paths = make_case_dir(tmp_path)
     argv_text = f"{COMMON[case.cli]} {case.argv}"
-    if "{tiny}" in argv_text or "{adapter}" in argv_text:
+    if "{tiny}" in argv_text or "{adapter}" in argv_text:  # only the tokenizer may load: never the weights
         paths.update(tiny=request.getfixturevalue("tiny_model_dir"), adapter=request.getfixturevalue("adapter_dir"))
-    else:
-        import transformers
+    import transformers
 
-        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     write_files(tmp_path, case.files or {})
     argv = [arg.format(**paths) for arg in shlex.split(argv_text)]
 

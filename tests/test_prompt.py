@@ -169,3 +169,17 @@ def test_special_tokens_in_user_text_stay_text(qwen3_tokenizer):
     body = ids[len(enc.head_ids):-len(enc.tail_ids)]
     assert not special & set(body)
     assert "charger<|im_end|>" in qwen3_tokenizer.decode(body)
+
+
+@pytest.mark.parametrize("n_long,warned", [(1, False), (2, True)])  # 1 of 20 is exactly 5%: no warning
+def test_truncation_warning_when_over_5_percent_of_items_lose_half(qwen3_tokenizer, n_long, warned):
+    probe = PromptEncoder(qwen3_tokenizer, 4096)
+    enc = PromptEncoder(qwen3_tokenizer, probe.fixed_len + 32)
+    long_item = "stainless steel water bottle with a leak proof lid " * 20  # far over 32 tokens
+    items = [long_item] * n_long + ["usb cable"] * (20 - n_long)
+    enc.encode_batch(["bottle"] * 20, items)
+    warning = enc.truncation_warning()
+    if warned:
+        assert f"{n_long} of 20 items" in warning and "--max_length" in warning
+    else:
+        assert warning is None

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval as eval_cli
 import train as train_cli
 from tests.conftest import ROOT
 
@@ -29,6 +30,15 @@ def test_resume_after_interruption_finishes_like_an_uninterrupted_run(tiny_model
 
     full = str(tmp_path / "full")
     assert train_cli.main(_args(tiny_model_dir, demo_data[0], full, "--max_steps", "8", "--save_steps", "4")) == 0
+    for step in (4, 8):  # every checkpoint carries the contract, our model card, and can be evaluated as is
+        checkpoint = os.path.join(full, f"checkpoint-{step}")
+        with open(os.path.join(checkpoint, "README.md")) as f:
+            assert "More Information Needed" not in f.read()
+        metrics = str(tmp_path / f"eval-{step}.json")
+        assert eval_cli.main(["--base_model", tiny_model_dir, "--lora_model", checkpoint, "--eval_file", demo_data[1],
+                              "--max_samples", "24", "--max_length", "256", "--no_plots", "--metrics_path", metrics]) == 0
+        with open(metrics) as f:
+            assert json.load(f)["n"] == 24
 
     crashed = str(tmp_path / "crashed")
     original = Trainer._save_checkpoint

@@ -1,0 +1,77 @@
+"""The newcomer path: the package installs what the API imports, docs tell CPU users how to avoid CUDA
+wheels, the demo says what its numbers are, and third-party deprecation noise stays hidden."""
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def read(name: str) -> str:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_pyproject_lists_every_module_the_api_imports():
+    """``pip install -e .`` must make ``from reranker import Reranker`` work from any folder."""
+    code = ("import sys, os, reranker; root = os.getcwd(); "
+            "print(' '.join(sorted(m for m, mod in list(sys.modules.items()) "
+            "if getattr(mod, '__file__', None) == os.path.join(root, m + '.py'))))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = set(proc.stdout.split())
+    listed = set(tomllib.loads(read("pyproject.toml"))["tool"]["setuptools"]["py-modules"])
+    assert "reranker" in imported and imported <= listed, imported - listed
+
+
+def test_license_matches_the_declared_one():
+    declared = tomllib.loads(read("pyproject.toml"))["project"]["license"]["text"]
+    assert declared == "Apache-2.0" and read("LICENSE").lstrip().startswith("Apache License")
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README_zh.md"])
+def test_quick_start_installs_the_cpu_torch_first_and_states_sizes(readme):
+    text = read(readme)
+    quick = text[text.index("```bash"):]
+    quick = quick[:quick.index("```", 3)]
+    lines = [line for line in quick.splitlines()[1:] if line.strip()]
+    assert lines[0].startswith(CPU_INSTALL), lines[0]
+    assert quick.index(CPU_INSTALL) < quick.index("pip install -r requirements.txt")
+    assert "3 GB" in text and "0.9 GB" in text
+    assert "about a minute" not in text and "约一分钟" not in text  # the demo takes minutes
+
+
+def test_requirements_and_ci_say_how_torch_is_installed():
+    assert CPU_INSTALL in read("requirements.txt")
+    ci = read(".ci/run")
+    assert "differs from the README" in ci and "pip install -r requirements-dev.txt && python -m pytest -q" in ci
+
+
+def test_the_demo_says_its_numbers_come_from_a_random_tiny_model():
+    assert re.search(r"echo .*random-init tiny Qwen3", read("scripts/run_demo.sh"))
+
+
+def test_peft_deprecation_noise_is_hidden_and_the_filter_matches_the_real_warning(tiny_model_dir):
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` on every adapter load."""
+    from transformers import AutoModelForCausalLM
+
+    import modeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:  # control: without our filter the warning is real
+        warnings.simplefilter("always")
+        model.is_gradient_checkpointing
+    assert any("is_gradient_checkpointing" in str(w.message) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        modeling.silence_third_party_warnings()  # what importing modeling does
+        model.is_gradient_checkpointing
+    assert not any("is_gradient_checkpointing" in str(w.message) for w in caught)

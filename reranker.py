@@ -105,16 +105,16 @@ def reranker_tokenizer(base_model: str, lora_model: str | None = None):
 
 
 def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.dtype = torch.float32,
-                  no_flash_attn: bool = False, device: torch.device | str | None = None):
+                  no_flash_attn: bool = False, device: torch.device | str | None = None, tokenizer=None):
     """Base model (+ LoRA adapter) with the 4-row label head, in eval mode. Returns ``(model, tokenizer)``.
 
-    The tokenizer comes from the adapter folder when it holds one (it is the
+    The tokenizer (``tokenizer``, else loaded) comes from the adapter folder when it holds one (it is the
     one training used), else from the base model. A ``reranker_config.json``
     (next to the adapter, or in a merged export) is checked for prompt drift.
     """
     base_model = os.path.expanduser(base_model)
     lora_model = os.path.expanduser(lora_model) if lora_model else None
-    tokenizer = reranker_tokenizer(base_model, lora_model)
+    tokenizer = tokenizer or reranker_tokenizer(base_model, lora_model)
     model = load_base_model(base_model, dtype=dtype, no_flash_attn=no_flash_attn)
     if lora_model:
         from peft import PeftModel
@@ -268,15 +268,15 @@ class Reranker:
         Missing folders raise :class:`ESCIDataError`.
         """
         check_model_paths(base_model, lora_model)
-        template = stored_template(base_model, lora_model)
+        template, tokenizer = stored_template(base_model, lora_model), reranker_tokenizer(base_model, lora_model)
         # max_length too small for the stored template: say so before the (slow) model load
-        PromptEncoder(reranker_tokenizer(base_model, lora_model), max_length, template)
+        PromptEncoder(tokenizer, max_length, template)
         if temperature is None:
             temperature = stored_temperature(base_model, lora_model) or 1.0
             if temperature != 1.0:
                 logger.info("applying the stored temperature %.4f: label logits / T before the softmax "
                             "(temperature=1.0, or --no_temperature, scores the raw logits)", temperature)
-        model, tokenizer = load_reranker(base_model, lora_model, resolve_dtype(dtype), no_flash_attn, device)
+        model, tokenizer = load_reranker(base_model, lora_model, resolve_dtype(dtype), no_flash_attn, device, tokenizer)
         return cls(model, tokenizer, max_length, batch_size, max_batch_tokens,
                    template=template, temperature=temperature)
 

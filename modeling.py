@@ -228,12 +228,18 @@ def check_hub_reachable(name: str, what: str, timeout: float = 10.0) -> None:
     if constants.HF_HUB_OFFLINE:
         raise ESCIDataError(f"{what} {name!r} is not a local folder, is not in the Hugging Face cache, and "
                             "HF_HUB_OFFLINE is set; download it where there is network and pass the local folder instead")
+    if name in _REACHABLE_HUB_IDS:  # the CLIs check before reading input, then again when loading
+        return
     try:
         HfApi().model_info(name, timeout=timeout)
     except Exception as exc:  # unreachable host, unknown repo, gated repo: all mean "pass a local folder"
         raise ESCIDataError(f"{what} {name!r} is not a local folder and could not be fetched from the Hugging Face "
                             f"hub ({type(exc).__name__}); download it where there is network and pass the "
                             "local folder instead") from None
+    _REACHABLE_HUB_IDS.add(name)
+
+
+_REACHABLE_HUB_IDS: set[str] = set()  # hub ids this process already found reachable
 
 
 def load_tokenizer(path: str):

@@ -166,3 +166,16 @@ def test_a_truncated_adapter_weights_file_is_a_clear_error(tmp_path, tiny_model_
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ESCIDataError, match="unreadable safetensors file"):
         check_model_paths(tiny_model_dir, str(folder))
+
+
+def test_a_reachable_hub_id_is_probed_once_per_process(monkeypatch):
+    """eval/predict check the model before reading input and again when loading: one network call, not two."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub_constants
+
+    calls = []
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, name, timeout=None: calls.append(name))
+    for _ in range(2):
+        check_model_paths("some-org/some-reranker-not-cached")
+    assert calls == ["some-org/some-reranker-not-cached"]

@@ -43,7 +43,6 @@ from modeling import (
     parse_target_modules,
     resolve_dtype,
 )
-from plots import plot_training
 from tokenized import tokenize_split
 from training import (
     LabelHeadTrainer,
@@ -276,6 +275,8 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
         logger.info("temperature T=%.4f fitted on %d held-out pairs: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
                     "(stored in reranker_config.json)", c["temperature"], c["n"], c["nll_before"], c["nll_after"],
                     c["ece_before"], c["ece_after"])
+    from plots import plot_training  # matplotlib loads only here, after training
+
     curves = plot_training(trainer.state.log_history, os.path.join(output_dir, "train_curves.png"))
     if curves:
         logger.info("loss and held-out metrics over steps: %s", curves)

@@ -14,8 +14,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (pyproject's addopts), split the cores between the workers: more threads than cores
+# make every OpenMP region spin and wait, which slows the whole suite many times over.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # also for the CLIs the tests start as subprocesses
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import demo  # noqa: E402
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, env: dict | None = None):
+    """``torchrun --nproc_per_node N script args`` on CPU, one thread per rank, on a free port (tests may run
+    concurrently). Returns the CompletedProcess (text output captured)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           script, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
 
 
 @pytest.fixture(scope="session")

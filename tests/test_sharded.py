@@ -3,9 +3,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -15,7 +12,7 @@ import demo
 import eval as eval_cli
 from reranker import PROB_COLUMNS
 from sharding import Shard, shard_rows, unshard
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_torchrun
 
 
 # ---------------------------------------------------------------------------
@@ -48,10 +45,6 @@ def test_one_process_shard_is_everything_and_gathers_nothing():
 # ---------------------------------------------------------------------------
 # eval.py under torchrun equals one process
 # ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_torchrun_eval_saves_the_single_process_scores_in_input_order(tiny_model_dir, adapter_dir, tmp_path):
@@ -66,10 +59,7 @@ def test_torchrun_eval_saves_the_single_process_scores_in_input_order(tiny_model
         return ["--save_scores_path", str(tmp_path / name / "scores.parquet"),
                 "--metrics_path", str(tmp_path / name / "metrics.json")]
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           os.path.join(ROOT, "eval.py"), *common, *outputs("two")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_torchrun(os.path.join(ROOT, "eval.py"), *common, *outputs("two"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert eval_cli.main([*common, *outputs("one")]) == 0
 

@@ -2,8 +2,6 @@
 on everything that decides the ids."""
 
 import os
-import subprocess
-import sys
 import textwrap
 import types
 
@@ -15,7 +13,7 @@ import pytest
 import train as train_cli
 from batching import TrainStepCollator
 from esci_dataset import LABELS, ESCIMultiClassRerankDataset, PromptEncoder, build_template, load_esci_parquet
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_torchrun
 from tokenized import CACHE_DIRNAME, tokenize_split
 
 # User text that must stay plain text: added tokens, a fake answer, and an item far longer than max_length.
@@ -157,24 +155,15 @@ TRAIN_RECORDING_DATASET_CALLS = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_torchrun_rank0_tokenizes_and_rank1_loads_its_cache(tiny_model_dir, demo_data, tmp_path):
     marker, script, out = str(tmp_path / "calls.txt"), str(tmp_path / "train_recording.py"), str(tmp_path / "ddp")
     with open(script, "w") as f:
         f.write(TRAIN_RECORDING_DATASET_CALLS.format(root=ROOT, marker=marker))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           script, "--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", out,
-           "--max_length", "192", "--per_device_train_batch_size", "4", "--max_steps", "1", "--eval_ratio", "0",
-           "--save_steps", "100", "--report_to", "none", "--dtype", "fp32"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    proc = run_torchrun(script, "--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", out,
+                        "--max_length", "192", "--per_device_train_batch_size", "4", "--max_steps", "1",
+                        "--eval_ratio", "0", "--save_steps", "100", "--report_to", "none", "--dtype", "fp32")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     with open(marker) as f:

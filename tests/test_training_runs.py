@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from safetensors.torch import load_file
 
 import eval as eval_cli
 import train as train_cli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_torchrun
 
 SHORT = ["--max_length", "192", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
          "--eval_ratio", "0.1", "--logging_steps", "2", "--report_to", "none"]
@@ -93,12 +91,6 @@ def test_wandb_offline(tiny_model_dir, demo_data, tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_torchrun_two_processes_train_like_one_process_with_the_combined_batch(tiny_model_dir, demo_data, tmp_path):
@@ -107,10 +99,8 @@ def test_torchrun_two_processes_train_like_one_process_with_the_combined_batch(t
     sgd = ["--max_steps", "2", "--save_steps", "100", "--optim", "sgd", "--learning_rate", "0.5", "--warmup_ratio", "0",
            "--lr_scheduler_type", "constant", "--lora_dropout", "0", "--eval_ratio", "0", "--dtype", "fp32"]
     ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           os.path.join(ROOT, "train.py"), *_args(tiny_model_dir, demo_data[0], ddp, *sgd, "--per_device_train_batch_size", "4")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_torchrun(os.path.join(ROOT, "train.py"),
+                        *_args(tiny_model_dir, demo_data[0], ddp, *sgd, "--per_device_train_batch_size", "4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(ddp, "run_config.json")) as f:
         assert json.load(f)["world_size"] == 2

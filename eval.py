@@ -25,6 +25,7 @@ PNG plots (confusion matrix, score per true label, ROC, reliability diagram) go 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("evaluating %d pairs from %s with %s%s on %d process(es); %s", len(df), args.eval_file, args.base_model,
                 f" + {args.lora_model}" if args.lora_model else " (no adapter)", shard.world_size,
                 temperature_line(temperature))
-    first = reranker.encode(df["query"].iloc[:1], df["item_text"].iloc[:1])[0]
+    # a copy of the encoder, so the example does not count twice in the truncation summary
+    first = copy.copy(reranker.encoder).encode_batch(df["query"].iloc[:1].tolist(), df["item_text"].iloc[:1].tolist())[0]
     logger.info("example prompt (%d tokens, label %s):\n%s", len(first), df["esci_label"].iloc[0],
                 reranker.tokenizer.decode(first))
 
@@ -294,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if not shard.is_main:
         return 0
     probs = probs_from_logits(logits, reranker.temperature)  # exactly what Reranker and predict.py give
+    if (warning := reranker.encoder.truncation_warning()):  # (under torchrun: rank 0's share of the rows)
+        logger.warning("eval data: %s", warning)
 
     # 4. Metrics and the printed report ------------------------------------------------
     report = build_report(df, logits, probs, temperature)

@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         mine = reranker.predict_probs(shard.take(queries), shard.take(items),
                                       progress=shard.is_main and args.input != "-")  # tqdm on stderr for files
         probs = shard.gather(mine, len(queries))
+        if shard.is_main and (warning := reranker.encoder.truncation_warning()):
+            logger.warning("input: %s", warning)
     if not shard.is_main:
         return 0
     df, records = with_predictions(df, records, probs, args.top_k, args.column_prefix)

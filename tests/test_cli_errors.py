@@ -138,3 +138,21 @@ def test_bench_and_demo_refuse_bad_sizes(script, argv, capsys):
         importlib.import_module(script).main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and argv[0] in err and "must be at least 1" in err
+
+
+def test_eval_and_predict_warn_when_many_items_are_cut_below_half(tmp_path, tiny_model_dir, caplog):
+    import logging
+
+    import predict as predict_cli
+
+    long_item = "stainless steel water bottle with a leak proof lid and a carry loop " * 10
+    data = tmp_path / "long.parquet"
+    pd.DataFrame({"query": ["bottle"] * 4, "item_text": [long_item] * 3 + ["cup"], "esci_label": ["E"] * 4}).to_parquet(data)
+    caplog.set_level(logging.WARNING)
+    assert eval_cli.main(["--base_model", tiny_model_dir, "--eval_file", str(data), "--max_length", "96", "--no_plots",
+                          "--metrics_path", str(tmp_path / "m.json"), "--dtype", "fp32"]) == 0
+    assert any("3 of 4 items" in r.getMessage() and "--max_length" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    assert predict_cli.main(["--base_model", tiny_model_dir, "--input", str(data), "--output", str(tmp_path / "p.jsonl"),
+                             "--max_length", "96", "--dtype", "fp32"]) == 0
+    assert any("3 of 4 items" in r.getMessage() for r in caplog.records)

@@ -46,6 +46,7 @@ class FakeReranker:
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature
         self.tokenizer = SimpleNamespace(decode=lambda ids: "<the prompt>")
+        self.encoder = SimpleNamespace(truncation_warning=lambda: None, encode_batch=self.encode)
 
     def encode(self, queries, items):
         return [[0] * 5 for _ in queries]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -192,6 +193,7 @@ class FixedReranker:
 
     def __init__(self, probs):
         self.probs = np.asarray(probs, dtype=np.float64)
+        self.encoder = SimpleNamespace(truncation_warning=lambda: None)
 
     def predict_probs(self, queries, items, progress=False):
         return np.resize(self.probs, (len(queries), 4))

@@ -44,7 +44,6 @@ import sharding
 from cli_utils import (
     HelpFormatter,
     add_inference_args,
-    atomic_write_file,
     check_output_file,
     cli_error,
     dumps_strict,
@@ -283,20 +282,17 @@ def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
 
 
 def write_output(path: str, ext: str, df: pd.DataFrame | None, records: list[dict] | None) -> None:
-    """Write a scored table (``df``) or scored JSON records to ``path`` in the format of ``ext``, atomically."""
-
-    def write(tmp: str) -> None:
-        if ext == ".jsonl":
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
-            return
-        table = df if df is not None else pd.DataFrame(records)
-        if ext == ".parquet":
-            table.to_parquet(tmp, index=False)
-        else:
-            table.to_csv(tmp, index=False)
-
-    atomic_write_file(path, write)
+    """Write a scored table (``df``) or scored JSON records to ``path`` in the format of ``ext``
+    (``path`` is the temp file of :func:`cli_utils.save_or_fallback`'s atomic write)."""
+    if ext == ".jsonl":
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
+        return
+    table = df if df is not None else pd.DataFrame(records)
+    if ext == ".parquet":
+        table.to_parquet(path, index=False)
+    else:
+        table.to_csv(path, index=False)
 
 
 # ---------------------------------------------------------------------------
@@ -387,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         return 0
     ext = extension(args.output, "--output")
-    rc = save_or_fallback(args.output, lambda path: write_output(path, ext, df, records), "--output")
+    rc = save_or_fallback(args.output, lambda tmp: write_output(tmp, ext, df, records), "--output")
     if rc == 0:
         logger.info("wrote %s", args.output)
     return rc

@@ -24,36 +24,27 @@ batches: ``max_memory_allocated`` on CUDA, sampled process RSS on CPU.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import shutil
 import statistics
 import sys
-import threading
 import time
 
 import numpy as np
 import torch
 
-from demo import build_tiny_model, qwen3_tokenizer_dir
-from batching import collate_left_padded, length_sorted_batches
+from bench_reference import (
+    PeakMemory,
+    load_bench_model,
+    naive_batches,
+    published_token_ids,
+    reference_eval,
+    synthetic_pairs,
+)
 from cli_utils import positive_int, write_json
 from esci_dataset import LABELS, PromptEncoder, label_token_ids
-from modeling import apply_lora, attach_label_head, detach_label_head, load_tokenizer, pick_attn_implementation, resolve_dtype
+from modeling import apply_lora, attach_label_head, detach_label_head, resolve_dtype
 from reranker import Reranker
-
-# Qwen3-tokenizer token counts of query + item_text on real ESCI US rows (title, brand, color, bullets).
-ESCI_TOKEN_QUANTILES = [(0.0, 8), (0.05, 19), (0.25, 91), (0.50, 170), (0.75, 268), (0.95, 414), (0.99, 560), (1.0, 700)]
-QWEN3_06B_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                       max_position_embeddings=40960)
-WORDS = ("wireless bluetooth headphones noise cancelling over ear battery charging case black white silver "
-         "stainless steel kitchen knife set with block premium quality durable lightweight portable compact "
-         "outdoor camping tent waterproof family size easy setup cotton shirt men women kids size small medium "
-         "large pack of replacement filter compatible model water bottle insulated keeps drinks cold hours "
-         "gaming mouse ergonomic design adjustable programmable buttons light led office home gift ideal").split()
-
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,158 +71,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------
-# Workload
+# Training: ours against the naive step, each through its Trainer's own training_step
 # ---------------------------------------------------------------------------
-def sample_token_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Query+item token counts drawn from the measured ESCI quantiles (inverse CDF, linear between)."""
-    qs, vals = zip(*ESCI_TOKEN_QUANTILES)
-    return np.round(np.interp(rng.random(n), qs, vals)).astype(int)
-
-
-def synthetic_pairs(tokenizer, n_queries: int, items_per_query: int, seed: int) -> tuple[list[str], list[str]]:
-    """ESCI-like (query, item_text) pairs whose token counts follow ESCI_TOKEN_QUANTILES."""
-    rng = np.random.default_rng(seed)
-    queries, items = [], []
-    for _ in range(n_queries):
-        query = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 6))))
-        q_len = len(tokenizer.encode(" " + query, add_special_tokens=False))
-        for total in sample_token_lengths(items_per_query, rng):
-            words = " ".join(rng.choice(WORDS, size=max(1, int(total) - q_len) * 2))
-            ids = tokenizer.encode(" " + words, add_special_tokens=False)[: max(1, int(total) - q_len)]
-            queries.append(query)
-            items.append(tokenizer.decode(ids).strip())
-    return queries, items
-
-
-def load_bench_model(spec: str, dtype: torch.dtype, workdir: str):
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    attn = pick_attn_implementation()
-    if attn == "flash_attention_2" and dtype == torch.float32:
-        attn = "sdpa"
-    if spec == "tiny":
-        path = build_tiny_model(os.path.join(workdir, "tiny-qwen3"))
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn), load_tokenizer(path)
-    if spec == "qwen3-0.6b":
-        tokenizer = load_tokenizer(qwen3_tokenizer_dir())
-        config = Qwen3Config(**QWEN3_06B_SHAPE, pad_token_id=tokenizer.pad_token_id)
-        config._attn_implementation = attn
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = Qwen3ForCausalLM(config).to(dtype)
-        return model, tokenizer
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation=attn), load_tokenizer(spec)
-
-
-# ---------------------------------------------------------------------------
-# Memory probe
-# ---------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator stats, or sampled RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            # glibc keeps freed memory mapped; hand it back first, or whichever side runs
-            # second would reuse the first side's pages and look free.
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            self.base, self._stop = _rss(), threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss() - self.base)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-# ---------------------------------------------------------------------------
-# Eval: the reference recipe as published vs ours
-# ---------------------------------------------------------------------------
-# Qwen3-Reranker's transformers example, with its "yes"/"no" answer changed to the four ESCI words.
-# Its prompt is deliberately NOT ours: this is the recipe a user would start from.
-PUBLISHED_SYSTEM = ("Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
-                    'Note that the answer can only be "exact", "substitute", "complement" or "irrelevant".')
-PUBLISHED_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-PUBLISHED_PREFIX = "<|im_start|>system\n" + PUBLISHED_SYSTEM + "<|im_end|>\n<|im_start|>user\n"
-PUBLISHED_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-
-
-def published_token_ids(tokenizer, queries, items, max_length: int = 512, template: bool = True) -> list[list[int]]:
-    """Prompts built as the published example builds them (body truncated to fit). ``template=False``:
-    only query + item + the assistant suffix, to measure what the template tokens cost."""
-    prefix = tokenizer.encode(PUBLISHED_PREFIX, add_special_tokens=False) if template else []
-    suffix = tokenizer.encode(PUBLISHED_SUFFIX, add_special_tokens=False)
-    bodies = [f"<Instruct>: {PUBLISHED_INSTRUCTION}\n<Query>: {q}\n<Document>: {d}" if template else f"{q}\n{d}"
-              for q, d in zip(queries, items)]
-    body_ids = tokenizer(bodies, padding=False, truncation="longest_first", return_attention_mask=False,
-                         max_length=max_length - len(prefix) - len(suffix))["input_ids"]
-    return [prefix + ids + suffix for ids in body_ids]
-
-
-@torch.inference_mode()
-def reference_eval(model, tokenizer, token_ids, label_ids, batch_size: int, sort_by_length: bool = False,
-                   label_rows_only: bool = False) -> np.ndarray:
-    """The published scoring loop: batches in input order, left-padded to their longest, a full-vocabulary
-    forward, then ``logits[:, -1, label_ids]``. The switches remove one cost each, to time it:
-    ``sort_by_length`` (padding as our eval path leaves it: length-sorted batches, each row within 10% of its
-    batch's longest) and ``label_rows_only`` (the 4-row head; needs it attached)."""
-    device = next(model.parameters()).device
-    lengths = [len(t) for t in token_ids]
-    if sort_by_length:  # sorting alone leaves the padding inside each batch (all of it when the set fits in one)
-        batches = length_sorted_batches(lengths, batch_size, max_batch_tokens=None)
-    else:
-        batches = [np.arange(start, min(start + batch_size, len(lengths))) for start in range(0, len(lengths), batch_size)]
-    probs = np.zeros((len(token_ids), len(label_ids)))
-    for idx in batches:
-        batch = collate_left_padded([{"input_ids": token_ids[i]} for i in idx], tokenizer.pad_token_id)
-        kwargs = {"logits_to_keep": 1} if label_rows_only else {}
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       **kwargs).logits[:, -1]
-        logits = logits if label_rows_only else logits[:, label_ids]
-        probs[idx] = torch.softmax(logits.float(), dim=-1).double().cpu().numpy()
-    return probs
-
-
-# ---------------------------------------------------------------------------
-# Training: naive step vs ours
-# ---------------------------------------------------------------------------
-def naive_batches(token_ids, labels, label_ids, batch_size, pad_id, seed):
-    """Random order; the label word appended; right-padded to the longest; LM labels only on the answer."""
-    order = np.random.default_rng(seed).permutation(len(token_ids))
-    for start in range(0, len(order), batch_size):
-        rows = [list(token_ids[i]) + [label_ids[labels[i]]] for i in order[start:start + batch_size]]
-        longest = max(map(len, rows))
-        ids = torch.full((len(rows), longest), pad_id)
-        mask = torch.zeros_like(ids)
-        lm_labels = torch.full_like(ids, -100)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
-            lm_labels[r, len(row) - 1] = row[-1]
-        yield {"input_ids": ids, "attention_mask": mask, "labels": lm_labels}
-
-
 def our_batches(token_ids, labels, batch_size, seed, collator):
     """The same random steps as :func:`naive_batches` (same seed, same rows per step), laid out by train.py's collator."""
     order = np.random.default_rng(seed).permutation(len(token_ids))
@@ -276,6 +117,8 @@ def run_epoch(trainer, model, batches, optimizer, device) -> float:
     return time.perf_counter() - start
 
 
+# ---------------------------------------------------------------------------
+# Eval: interleaved sides and the measured breakdown
 # ---------------------------------------------------------------------------
 def eval_benchmark(model, tokenizer, queries, items, token_ids, label_ids, args) -> tuple[dict, list[str]]:
     """Interleaved repeats of our eval path, the published recipe, and variants that each remove one of

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -102,28 +103,63 @@ def collate_left_padded(features: list[dict], pad_token_id: int, skip_prefix: in
 def collate_packed(features: list[dict], skip_prefix: int = 0) -> dict[str, torch.Tensor]:
     """Pack a list of prompts into one padding-free row ``[1, T]``.
 
-    ``position_ids`` restart at 0 for each prompt, which is how transformers
+    ``last_token_mask`` marks where each prompt's answer is read. Without a shared
+    prefix, ``position_ids`` restart at 0 for each prompt, which is how transformers
     recognises packed sequences (flash-attention varlen on CUDA, a block-diagonal
-    mask with sdpa). ``last_token_mask`` marks where each prompt's answer is read.
-    ``skip_prefix`` is accepted for symmetry with :func:`collate_left_padded` and
-    must be 0: packed rows carry their own prefix.
+    mask with sdpa).
+
+    ``skip_prefix`` drops that many leading tokens (the shared prefix, whose
+    keys/values :class:`PrefixKV` supplies once). Each prompt's positions then
+    start after the prefix, and the batch carries the varlen layout that lets
+    every prompt attend to the prefix and to itself only:
+
+    * ``cu_seq_lens_q`` / ``max_length_q``: each prompt's span in the packed row;
+    * ``cu_seq_lens_k`` / ``max_length_k``: each prompt's keys, the prefix then its own tokens;
+    * ``prefix_key_index``: where those keys sit in ``[prefix, packed row]`` (see :meth:`PrefixKV.cache_kwargs`).
+
+    Flash-attention reads these (its causal mask is aligned bottom-right when a
+    prompt has more keys than queries); other kernels do not, so the packed path
+    with a prefix runs only under flash-attention (``training.step_collator``).
     """
-    if skip_prefix:
-        raise ValueError("packed batches carry their own prefix (skip_prefix must be 0)")
-    ids, positions, last = [], [], []
+    ids, positions, last, lengths = [], [], [], []
     for f in features:
-        n = len(f["input_ids"])
-        ids.extend(f["input_ids"])
-        positions.extend(range(n))
+        row = f["input_ids"][skip_prefix:]
+        n = len(row)
+        ids.extend(row)
+        positions.extend(range(skip_prefix, skip_prefix + n))
         last.extend([False] * (n - 1) + [True])
+        lengths.append(n)
     batch = {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "last_token_mask": torch.tensor([last], dtype=torch.bool),
     }
+    if skip_prefix:
+        batch.update(_varlen_prefix_layout(lengths, skip_prefix))
     if "labels" in features[0]:
         batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
     return batch
+
+
+def _varlen_prefix_layout(lengths: Sequence[int], prefix_len: int) -> dict:
+    """Varlen kwargs for packed prompts of ``lengths`` that each attend to a shared ``prefix_len``-token prefix.
+
+    Keys are laid out per prompt as ``[prefix, prompt]``: ``prefix_key_index`` picks them from the
+    concatenation ``[prefix (prefix_len), packed row (sum(lengths))]`` that the cache layer sees.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    key_index = np.concatenate([np.concatenate([np.arange(prefix_len), prefix_len + s + np.arange(n)])
+                                for s, n in zip(starts, lengths)])
+    cu_q = np.concatenate([[0], np.cumsum(lengths)])
+    cu_k = np.concatenate([[0], np.cumsum(lengths + prefix_len)])
+    return {
+        "cu_seq_lens_q": torch.as_tensor(cu_q, dtype=torch.int32),
+        "cu_seq_lens_k": torch.as_tensor(cu_k, dtype=torch.int32),
+        "max_length_q": int(lengths.max()),
+        "max_length_k": int(lengths.max()) + prefix_len,
+        "prefix_key_index": torch.as_tensor(key_index, dtype=torch.long),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -194,8 +230,6 @@ class TrainStepCollator:
 
     def __init__(self, pad_token_id: int, skip_prefix: int = 0, max_micro_batches: int = DEFAULT_MAX_MICRO_BATCHES,
                  packed: bool = False):
-        if packed and skip_prefix:
-            raise ValueError("packed steps carry their own prefix")
         self.pad_token_id, self.skip_prefix = pad_token_id, skip_prefix
         self.max_micro_batches, self.packed = max_micro_batches, packed
 
@@ -208,7 +242,7 @@ class TrainStepCollator:
         micro_batches = []
         for idx in groups:
             rows = [{"input_ids": features[i]["input_ids"]} for i in idx]
-            micro_batches.append(collate_packed(rows) if self.packed
+            micro_batches.append(collate_packed(rows, self.skip_prefix) if self.packed
                                  else collate_left_padded(rows, self.pad_token_id, self.skip_prefix))
         order = torch.as_tensor(np.concatenate(groups), dtype=torch.long)
         return {"micro_batches": micro_batches, "order": order, "labels": labels}
@@ -246,18 +280,49 @@ class PrefixKV:
         self.layers = layers
         self.length = layers[0][0].shape[-2]
 
-    def cache_kwargs(self, n_rows: int) -> dict:
-        """``{name: cache}`` for the model's forward; transformers renamed ``past_key_values`` to ``cache`` in 5.x."""
-        from transformers import DynamicCache
+    def cache_kwargs(self, n_rows: int, key_index: torch.Tensor | None = None) -> dict:
+        """``{name: cache}`` for the model's forward; transformers renamed ``past_key_values`` to ``cache`` in 5.x.
+
+        Each layer's keys are the prefix (viewed by all ``n_rows`` rows) followed by the
+        batch's own. ``key_index`` (packed rows, ``n_rows == 1``) reorders them into the
+        per-prompt ``[prefix, prompt]`` layout of :func:`collate_packed`.
+        """
+        from transformers import Cache
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        cache = DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
-                                             for k, v in self.layers])
+        layer = _prefix_layer_class()
+        cache = Cache(layers=[layer(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1), key_index)
+                              for k, v in self.layers])
         return {"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache}
 
     def mask(self, n_rows: int) -> torch.Tensor:
         device = self.layers[0][0].device
         return torch.ones((n_rows, self.length), dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefix_layer_class():
+    """The cache layer class, defined on first use so importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        """One layer's prefix keys/values ``[B, H_kv, P, D]``. :meth:`update` returns the prefix followed by
+        the forward's own keys/values (picked by ``key_index`` if given) and stores nothing, so the prefix
+        is never copied into a growing cache and one cache object serves one forward exactly as built."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, key_index: torch.Tensor | None = None):
+            super().__init__()
+            self.keys, self.values, self.key_index = keys, values, key_index
+            self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+            if self.key_index is not None:
+                index = self.key_index.to(keys.device)
+                keys, values = keys.index_select(-2, index), values.index_select(-2, index)
+            return keys, values
+
+    return PrefixLayer
 
 
 def encode_prefix(model: nn.Module, prefix_ids: Sequence[int]) -> PrefixKV:

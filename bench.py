@@ -80,8 +80,10 @@ def our_batches(token_ids, labels, batch_size, seed, collator):
         yield collator([{"input_ids": token_ids[i], "labels": labels[i]} for i in order[start:start + batch_size]])
 
 
-def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str):
-    """``(naive, ours, collator)``: a stock ``Trainer`` and train.py's ``LabelHeadTrainer`` around the same model.
+def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str) -> dict:
+    """``{side: (trainer, collator, prefix_ids)}`` around the same model: ``naive`` (a stock ``Trainer``),
+    ``ours`` (train.py's ``LabelHeadTrainer`` and collator) and ``ours_prefix_in_every_row`` (the same without
+    prefix reuse, which measures what the reuse saves).
 
     Each side's step is its Trainer's own ``training_step`` (forward, loss, backward), so the
     benchmark times the code train.py runs, not a copy of it.
@@ -94,12 +96,14 @@ def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str):
     args = train_cli.make_parser().parse_args(["--base_model", "-", "--train_file", "-", "--output_dir", workdir,
                                                "--per_device_train_batch_size", str(batch_size)])
     targs = training.training_arguments(args, next(model.parameters()).dtype, eval_enabled=False)
-    collator, prefix_ids = training.step_collator(model, tokenizer, encoder, args, n_gpu=1)
-    ours = training.LabelHeadTrainer(model=model, args=targs, data_collator=collator, prefix_ids=prefix_ids)
-    naive = Trainer(model=model, args=targs)
-    for trainer in (naive, ours):
+    sides = {"naive": (Trainer(model=model, args=targs), None, [])}
+    for side, reuse in (("ours", True), ("ours_prefix_in_every_row", False)):
+        collator, prefix_ids = training.step_collator(model, tokenizer, encoder, args, n_gpu=1, reuse_prefix=reuse)
+        sides[side] = (training.LabelHeadTrainer(model=model, args=targs, data_collator=collator,
+                                                 prefix_ids=prefix_ids), collator, prefix_ids)
+    for trainer, _, _ in sides.values():
         trainer.current_gradient_accumulation_steps = 1  # set per step by Trainer.train(), which we do not run
-    return naive, ours, collator, prefix_ids
+    return sides
 
 
 def causal_lm_attn(model) -> str:
@@ -294,44 +298,53 @@ def run_benchmarks(args, workdir: str) -> int:
         model.train()
         model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="q_proj,v_proj")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        naive_trainer, our_trainer, collator, prefix_ids = bench_trainers(model, tokenizer, encoder,
-                                                                          args.train_batch_size, workdir)
+        sides = bench_trainers(model, tokenizer, encoder, args.train_batch_size, workdir)
         causal_lm = model.get_base_model()
-        naive_t, our_t, naive_m, our_m = [], [], [], []
-        def naive_epoch(rep):
-            detach_label_head(causal_lm)
-            with PeakMemory(device) as mem:
-                naive_t.append(run_epoch(naive_trainer, model, naive_batches(
-                    token_ids, labels, label_ids, args.train_batch_size, tokenizer.pad_token_id, args.seed + rep),
-                    optimizer, device))
-            naive_m.append(mem.peak)
+        seconds, peaks = {side: [] for side in sides}, {side: [] for side in sides}
 
-        def our_epoch(rep):
-            attach_label_head(causal_lm, label_ids)
+        def epoch(side, rep):
+            trainer, collator, _ = sides[side]
+            if collator is None:  # the naive side: a causal-LM batch through the full-vocabulary head
+                detach_label_head(causal_lm)
+                batches = naive_batches(token_ids, labels, label_ids, args.train_batch_size, tokenizer.pad_token_id,
+                                        args.seed + rep)
+            else:
+                attach_label_head(causal_lm, label_ids)
+                batches = our_batches(token_ids, labels, args.train_batch_size, args.seed + rep, collator)
             with PeakMemory(device) as mem:
-                our_t.append(run_epoch(our_trainer, model, our_batches(
-                    token_ids, labels, args.train_batch_size, args.seed + rep, collator), optimizer, device))
-            our_m.append(mem.peak)
+                seconds[side].append(run_epoch(trainer, model, batches, optimizer, device))
+            peaks[side].append(mem.peak)
 
-        for rep in range(args.repeats):  # alternate which side goes first, so neither always runs warm
-            for epoch in ((naive_epoch, our_epoch) if rep % 2 == 0 else (our_epoch, naive_epoch)):
-                epoch(rep)
-        (n_med, n_spr), (o_med, o_spr) = _median_spread(naive_t), _median_spread(our_t)
+        for rep in range(args.repeats):  # rotate which side goes first, so none always runs warm
+            names = list(sides)
+            for side in names[rep % len(names):] + names[:rep % len(names)]:
+                epoch(side, rep)
+        medians = {side: _median_spread(seconds[side]) for side in sides}
+        naive_t, our_t, full_t = seconds["naive"], seconds["ours"], seconds["ours_prefix_in_every_row"]
         ratios = [n / o for n, o in zip(naive_t, our_t)]
-        mem_ratio = statistics.median(our_m) / max(1, statistics.median(naive_m))
-        results["train"] = {"naive_s": naive_t, "ours_s": our_t, "naive_peak_bytes": naive_m, "ours_peak_bytes": our_m,
+        prefix_ratios = [f / o for f, o in zip(full_t, our_t)]
+        mem_ratio = statistics.median(peaks["ours"]) / max(1, statistics.median(peaks["naive"]))
+        n_med, o_med = medians["naive"][0], medians["ours"][0]
+        _, collator, prefix_ids = sides["ours"]
+        results["train"] = {"naive_s": naive_t, "ours_s": our_t, "ours_prefix_in_every_row_s": full_t,
+                            "naive_peak_bytes": peaks["naive"], "ours_peak_bytes": peaks["ours"],
                             "naive_tokens_per_s": lengths.sum() / n_med, "ours_tokens_per_s": lengths.sum() / o_med,
                             "speedup": n_med / o_med, "speedup_min": min(ratios), "speedup_max": max(ratios),
                             "peak_memory_ratio": mem_ratio, "packed": collator.packed,
-                            "shared_prefix_tokens": len(prefix_ids)}
+                            "shared_prefix_tokens": len(prefix_ids),
+                            "prefix_reuse_speedup": medians["ours_prefix_in_every_row"][0] / o_med}
         t = results["train"]
-        print(f"\n{'train':<10}{'tokens/s':>12}{'pairs/s':>10}{'median s':>10}{'spread s':>10}{'peak MiB':>10}")
-        for name, med, spr, mem in (("naive", n_med, n_spr, naive_m), ("ours", o_med, o_spr, our_m)):
-            print(f"{name:<10}{lengths.sum() / med:>12.1f}{len(lengths) / med:>10.2f}{med:>10.2f}{spr:>10.2f}"
-                  f"{statistics.median(mem) / 2**20:>10.1f}")
+        print(f"\n{'train':<26}{'tokens/s':>12}{'pairs/s':>10}{'median s':>10}{'spread s':>10}{'peak MiB':>10}")
+        for side, (med, spr) in medians.items():
+            print(f"{side:<26}{lengths.sum() / med:>12.1f}{len(lengths) / med:>10.2f}{med:>10.2f}{spr:>10.2f}"
+                  f"{statistics.median(peaks[side]) / 2**20:>10.1f}")
+        print(f"{'packed' if collator.packed else 'left-padded micro-batches'}; shared prefix {len(prefix_ids)} tokens "
+              f"of {lengths.mean():.0f} per pair on average")
         print(f"speedup per repeat: {', '.join(f'{r:.2f}' for r in ratios)}")
+        print(f"prefix reuse saves: {', '.join(f'{r:.2f}' for r in prefix_ratios)} (prefix in every row / ours)")
         lines.append(f"train_speedup_vs_naive: {t['speedup']:.2f}")
         lines.append(f"train_peak_memory_ratio: {mem_ratio:.2f}")
+        lines.append(f"train_prefix_reuse_speedup: {t['prefix_reuse_speedup']:.2f}")
 
     print()
     for line in lines:

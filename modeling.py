@@ -102,11 +102,21 @@ def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=Non
     * packed, padding-free (``batching.collate_packed``): ``input_ids``, ``position_ids``
       ``[1, T]`` and ``last_token_mask`` ``[1, T]`` marking each prompt's end.
 
-    With ``prefix_kv`` (a ``batching.PrefixKV``), a left-padded batch holds only
-    what follows the shared prefix, whose keys/values are reused instead of recomputed.
+    With ``prefix_kv`` (a ``batching.PrefixKV``), a batch collated with ``skip_prefix``
+    holds only what follows the shared prefix, whose keys/values are reused instead of
+    recomputed. A packed one then carries flash-attention varlen kwargs, which need a
+    flash-attention model (or a kernel that reads them, as the CPU tests use).
     Extra keys (``labels``) are ignored.
     """
-    if "last_token_mask" in batch:
+    if "last_token_mask" in batch and "prefix_key_index" in batch:
+        if prefix_kv is None or prefix_kv.length != batch["max_length_k"] - batch["max_length_q"]:
+            raise ValueError("this packed batch was collated without its shared prefix: pass that prefix's prefix_kv")
+        varlen = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    logits_to_keep=batch["last_token_mask"], use_cache=True,
+                    **prefix_kv.cache_kwargs(1, batch["prefix_key_index"]), **varlen)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
+    elif "last_token_mask" in batch:
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     logits_to_keep=batch["last_token_mask"], use_cache=False)
         logits = out.logits.reshape(-1, out.logits.shape[-1])

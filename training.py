@@ -150,11 +150,13 @@ def training_arguments(args: argparse.Namespace, dtype: torch.dtype, eval_enable
     )
 
 
-def step_collator(model, tokenizer, encoder: PromptEncoder, args: argparse.Namespace, n_gpu: int):
-    """``(collator, prefix_ids)``: packed steps under flash-attention (one process per GPU), else length-sorted
-    left-padded micro-batches without the shared prefix, which runs once per step. Not with gradient
-    checkpointing, whose recomputation would append to the prefix cache twice."""
+def step_collator(model, tokenizer, encoder: PromptEncoder, args: argparse.Namespace, n_gpu: int,
+                  reuse_prefix: bool = True):
+    """``(collator, prefix_ids)``: packed padding-free steps under flash-attention (one process per GPU), else
+    length-sorted left-padded micro-batches. Either way the shared prefix is left out of the rows and runs once
+    per step, except with gradient checkpointing, under which transformers runs decoder layers without a cache
+    (``reuse_prefix=False`` also keeps it in every row: bench.py's measure of what the reuse saves)."""
+    prefix_ids = encoder.head_ids if reuse_prefix and not args.gradient_checkpointing else []
     if model.config._attn_implementation == "flash_attention_2" and n_gpu <= 1:
-        return TrainStepCollator(tokenizer.pad_token_id, packed=True), []
-    prefix_ids = [] if args.gradient_checkpointing else encoder.head_ids
+        return TrainStepCollator(tokenizer.pad_token_id, len(prefix_ids), packed=True), prefix_ids
     return TrainStepCollator(tokenizer.pad_token_id, len(prefix_ids), args.max_micro_batches), prefix_ids

@@ -22,8 +22,10 @@ DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red
 
 
 @flash
-def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer):
-    """The packed (varlen) step and the padded step give the same loss and LoRA gradients (bf16 tolerance)."""
+@pytest.mark.parametrize("reuse_prefix", [False, True])
+def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer, reuse_prefix):
+    """The packed (varlen) step, with or without the shared prefix run once, and the plain padded step give the
+    same loss and LoRA gradients (bf16 tolerance)."""
     results = []
     for attn, packed in (("flash_attention_2", True), ("sdpa", False)):
         torch.manual_seed(0)
@@ -35,10 +37,12 @@ def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwe
                 torch.nn.init.normal_(p, std=0.05, generator=torch.Generator(p.device).manual_seed(1))
         enc = PromptEncoder(qwen3_tokenizer, 512)
         feats = [{"input_ids": ids, "labels": i % 4} for i, ids in enumerate(enc.encode_batch(QUERIES, DOCS))]
-        step = TrainStepCollator(qwen3_tokenizer.pad_token_id, packed=packed)(feats)
-        step = {"micro_batches": [{k: v.cuda() for k, v in mb.items()} for mb in step["micro_batches"]],
+        prefix = enc.head_ids if packed and reuse_prefix else []
+        step = TrainStepCollator(qwen3_tokenizer.pad_token_id, skip_prefix=len(prefix), packed=packed)(feats)
+        step = {"micro_batches": [{k: v.cuda() if torch.is_tensor(v) else v for k, v in mb.items()}
+                                  for mb in step["micro_batches"]],
                 "order": step["order"].cuda(), "labels": step["labels"].cuda()}
-        loss = torch.nn.functional.cross_entropy(step_logits(model, step).float(), step["labels"])
+        loss = torch.nn.functional.cross_entropy(step_logits(model, step, prefix).float(), step["labels"])
         loss.backward()
         results.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}))
     (packed_loss, packed_grads), (padded_loss, padded_grads) = results

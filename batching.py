@@ -103,23 +103,20 @@ def collate_left_padded(features: list[dict], pad_token_id: int, skip_prefix: in
 def collate_packed(features: list[dict], skip_prefix: int = 0) -> dict[str, torch.Tensor]:
     """Pack a list of prompts into one padding-free row ``[1, T]``.
 
-    ``last_token_mask`` marks where each prompt's answer is read. Without a shared
-    prefix, ``position_ids`` restart at 0 for each prompt, which is how transformers
-    recognises packed sequences (flash-attention varlen on CUDA, a block-diagonal
-    mask with sdpa).
-
-    ``skip_prefix`` drops that many leading tokens (the shared prefix, whose
-    keys/values :class:`PrefixKV` supplies once). Each prompt's positions then
-    start after the prefix, and the batch carries the varlen layout that lets
-    every prompt attend to the prefix and to itself only:
+    ``last_token_mask`` marks where each prompt's answer is read. The row carries
+    its layout as flash-attention varlen kwargs, read by ``flash_attention_2`` and
+    by ``varlen.VARLEN_ATTENTION``, so each prompt attends to itself only:
 
     * ``cu_seq_lens_q`` / ``max_length_q``: each prompt's span in the packed row;
-    * ``cu_seq_lens_k`` / ``max_length_k``: each prompt's keys, the prefix then its own tokens;
-    * ``prefix_key_index``: where those keys sit in ``[prefix, packed row]`` (see :meth:`PrefixKV.cache_kwargs`).
+    * ``cu_seq_lens_k`` / ``max_length_k``: each prompt's keys.
 
-    Flash-attention reads these (its causal mask is aligned bottom-right when a
-    prompt has more keys than queries); other kernels do not, so the packed path
-    with a prefix runs only under flash-attention (``training.step_collator``).
+    Without a shared prefix the two are the same and ``position_ids`` restart at 0
+    for each prompt (from which sdpa builds a block-diagonal mask). ``skip_prefix``
+    drops that many leading tokens, the shared prefix whose keys/values
+    :class:`PrefixKV` supplies once: positions then start after the prefix, each
+    prompt's keys are the prefix followed by its own tokens (its causal mask aligned
+    bottom-right), and ``prefix_key_index`` says where those keys sit in the
+    ``[prefix, packed row]`` the cache layer sees (:meth:`PrefixKV.cache_kwargs`).
     """
     ids, positions, last, lengths = [], [], [], []
     for f in features:
@@ -133,33 +130,33 @@ def collate_packed(features: list[dict], skip_prefix: int = 0) -> dict[str, torc
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "last_token_mask": torch.tensor([last], dtype=torch.bool),
+        **_varlen_layout(lengths, skip_prefix),
     }
-    if skip_prefix:
-        batch.update(_varlen_prefix_layout(lengths, skip_prefix))
     if "labels" in features[0]:
         batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
     return batch
 
 
-def _varlen_prefix_layout(lengths: Sequence[int], prefix_len: int) -> dict:
-    """Varlen kwargs for packed prompts of ``lengths`` that each attend to a shared ``prefix_len``-token prefix.
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # what the attention kernels read
 
-    Keys are laid out per prompt as ``[prefix, prompt]``: ``prefix_key_index`` picks them from the
-    concatenation ``[prefix (prefix_len), packed row (sum(lengths))]`` that the cache layer sees.
-    """
+
+def _varlen_layout(lengths: Sequence[int], prefix_len: int) -> dict:
+    """Varlen kwargs for packed prompts of ``lengths`` that each attend to a shared ``prefix_len``-token prefix
+    (none if 0). With a prefix, ``prefix_key_index`` picks each prompt's ``[prefix, prompt]`` keys from the
+    concatenation ``[prefix (prefix_len), packed row (sum(lengths))]``."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    key_index = np.concatenate([np.concatenate([np.arange(prefix_len), prefix_len + s + np.arange(n)])
-                                for s, n in zip(starts, lengths)])
     cu_q = np.concatenate([[0], np.cumsum(lengths)])
-    cu_k = np.concatenate([[0], np.cumsum(lengths + prefix_len)])
-    return {
+    layout = {
         "cu_seq_lens_q": torch.as_tensor(cu_q, dtype=torch.int32),
-        "cu_seq_lens_k": torch.as_tensor(cu_k, dtype=torch.int32),
+        "cu_seq_lens_k": torch.as_tensor(np.concatenate([[0], np.cumsum(lengths + prefix_len)]), dtype=torch.int32),
         "max_length_q": int(lengths.max()),
         "max_length_k": int(lengths.max()) + prefix_len,
-        "prefix_key_index": torch.as_tensor(key_index, dtype=torch.long),
     }
+    if prefix_len:
+        layout["prefix_key_index"] = torch.as_tensor(np.concatenate(
+            [np.concatenate([np.arange(prefix_len), prefix_len + start + np.arange(n)])
+             for start, n in zip(cu_q[:-1], lengths)]), dtype=torch.long)
+    return layout
 
 
 # ---------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def our_batches(token_ids, labels, batch_size, seed, collator):
         yield collator([{"input_ids": token_ids[i], "labels": labels[i]} for i in order[start:start + batch_size]])
 
 
-def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str) -> dict:
+def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str, check_rows: list[dict]) -> dict:
     """``{side: (trainer, collator, prefix_ids)}`` around the same model: ``naive`` (a stock ``Trainer``),
     ``ours`` (train.py's ``LabelHeadTrainer`` and collator) and ``ours_prefix_in_every_row`` (the same without
     prefix reuse, which measures what the reuse saves).
@@ -99,8 +99,9 @@ def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str) -> 
     sides = {"naive": (Trainer(model=model, args=targs), None, [])}
     for side, reuse in (("ours", True), ("ours_prefix_in_every_row", False)):
         collator, prefix_ids = training.step_collator(model, tokenizer, encoder, args, n_gpu=1, reuse_prefix=reuse)
-        sides[side] = (training.LabelHeadTrainer(model=model, args=targs, data_collator=collator,
-                                                 prefix_ids=prefix_ids), collator, prefix_ids)
+        trainer = training.LabelHeadTrainer(model=model, args=targs, data_collator=collator, prefix_ids=prefix_ids)
+        training.check_packed_steps(trainer, check_rows, args.max_micro_batches)  # as train.py does
+        sides[side] = (trainer, trainer.data_collator, prefix_ids)
     for trainer, _, _ in sides.values():
         trainer.current_gradient_accumulation_steps = 1  # set per step by Trainer.train(), which we do not run
     return sides
@@ -298,7 +299,9 @@ def run_benchmarks(args, workdir: str) -> int:
         model.train()
         model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="q_proj,v_proj")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        sides = bench_trainers(model, tokenizer, encoder, args.train_batch_size, workdir)
+        attach_label_head(model.get_base_model(), label_ids)
+        sides = bench_trainers(model, tokenizer, encoder, args.train_batch_size, workdir,
+                               [{"input_ids": ids, "labels": label} for ids, label in zip(token_ids, labels)])
         causal_lm = model.get_base_model()
         seconds, peaks = {side: [] for side in sides}, {side: [] for side in sides}
 

@@ -100,25 +100,25 @@ def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=Non
     * left-padded (``batching.collate_left_padded``): ``input_ids``, ``attention_mask``,
       ``position_ids`` ``[B, L]``; the last position is read;
     * packed, padding-free (``batching.collate_packed``): ``input_ids``, ``position_ids``
-      ``[1, T]`` and ``last_token_mask`` ``[1, T]`` marking each prompt's end.
+      ``[1, T]``, ``last_token_mask`` ``[1, T]`` marking each prompt's end, and the varlen
+      kwargs that ``flash_attention_2`` and ``varlen.VARLEN_ATTENTION`` read.
 
     With ``prefix_kv`` (a ``batching.PrefixKV``), a batch collated with ``skip_prefix``
     holds only what follows the shared prefix, whose keys/values are reused instead of
-    recomputed. A packed one then carries flash-attention varlen kwargs, which need a
-    flash-attention model (or a kernel that reads them, as the CPU tests use).
+    recomputed. A packed one then needs one of those two attention implementations.
     Extra keys (``labels``) are ignored.
     """
-    if "last_token_mask" in batch and "prefix_key_index" in batch:
-        if prefix_kv is None or prefix_kv.length != batch["max_length_k"] - batch["max_length_q"]:
-            raise ValueError("this packed batch was collated without its shared prefix: pass that prefix's prefix_kv")
-        varlen = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    if "last_token_mask" in batch:
+        from batching import VARLEN_KEYS
+
+        cache = {}
+        if "prefix_key_index" in batch:
+            if prefix_kv is None or prefix_kv.length != batch["max_length_k"] - batch["max_length_q"]:
+                raise ValueError("this packed batch was collated without its shared prefix: pass that prefix's prefix_kv")
+            cache = prefix_kv.cache_kwargs(1, batch["prefix_key_index"])
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    logits_to_keep=batch["last_token_mask"], use_cache=True,
-                    **prefix_kv.cache_kwargs(1, batch["prefix_key_index"]), **varlen)
-        logits = out.logits.reshape(-1, out.logits.shape[-1])
-    elif "last_token_mask" in batch:
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    logits_to_keep=batch["last_token_mask"], use_cache=False)
+                    logits_to_keep=batch["last_token_mask"], use_cache=bool(cache), **cache,
+                    **{k: batch[k] for k in VARLEN_KEYS if k in batch})
         logits = out.logits.reshape(-1, out.logits.shape[-1])
     elif prefix_kv is not None:
         n_rows = batch["input_ids"].shape[0]

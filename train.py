@@ -47,6 +47,7 @@ from tokenized import tokenize_split
 from training import (
     LabelHeadTrainer,
     SaveRunContract,
+    check_packed_steps,
     compute_metrics,
     fit_held_out_temperature,
     save_run_contract,
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = LabelHeadTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, compute_metrics=compute_metrics, processing_class=tokenizer,
                                callbacks=[SaveRunContract(tokenizer, encoder, run_config)], prefix_ids=prefix_ids)
+    check_packed_steps(trainer, train_ds, args.max_micro_batches)  # packed layout vs plain prompts, on the device
 
     # 6. Train; save the adapter (safetensors) and tokenizer; evaluate and calibrate on held-out queries
     result = trainer.train(resume_from_checkpoint=resume)

@@ -8,6 +8,7 @@ configures, which ``bench.py`` and the tests use as they are, so they time and t
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import numpy as np
@@ -21,6 +22,9 @@ from cli_utils import write_json, write_text
 from esci_dataset import PromptEncoder
 from metrics import calibration_before_after, classification_metrics, fit_temperature, majority_baseline, softmax
 from modeling import save_reranker_config
+from varlen import choose_packed_attention
+
+logger = logging.getLogger(__name__)
 
 
 def label_head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -152,11 +156,51 @@ def training_arguments(args: argparse.Namespace, dtype: torch.dtype, eval_enable
 
 def step_collator(model, tokenizer, encoder: PromptEncoder, args: argparse.Namespace, n_gpu: int,
                   reuse_prefix: bool = True):
-    """``(collator, prefix_ids)``: packed padding-free steps under flash-attention (one process per GPU), else
-    length-sorted left-padded micro-batches. Either way the shared prefix is left out of the rows and runs once
-    per step, except with gradient checkpointing, under which transformers runs decoder layers without a cache
-    (``reuse_prefix=False`` also keeps it in every row: bench.py's measure of what the reuse saves)."""
+    """``(collator, prefix_ids)``: packed padding-free steps where a varlen attention kernel runs (flash-attn, or
+    PyTorch's own on a recent CUDA torch; see ``varlen.choose_packed_attention``, which may switch the model to it)
+    and one process drives one GPU; else length-sorted left-padded micro-batches. Either way the shared prefix is
+    left out of the rows and runs once per step, except with gradient checkpointing, under which transformers runs
+    decoder layers without a cache (``reuse_prefix=False`` also keeps it in every row: bench.py's measure of what
+    the reuse saves). Call :func:`check_packed_steps` once the model is on its device."""
     prefix_ids = encoder.head_ids if reuse_prefix and not args.gradient_checkpointing else []
-    if model.config._attn_implementation == "flash_attention_2" and n_gpu <= 1:
+    if n_gpu <= 1 and choose_packed_attention(model):
         return TrainStepCollator(tokenizer.pad_token_id, len(prefix_ids), packed=True), prefix_ids
     return TrainStepCollator(tokenizer.pad_token_id, len(prefix_ids), args.max_micro_batches), prefix_ids
+
+
+PACKED_CHECK_ROWS = 4          # training rows scored both ways before the first packed step
+PACKED_CHECK_TOLERANCE = 1e-2  # max |prob. difference|: bf16 noise ~1e-3; wrong layouts gave >= 2.4e-2 (tiny model)
+
+
+def check_packed_steps(trainer: LabelHeadTrainer, features, max_micro_batches: int) -> float | None:
+    """Score the first training rows through the packed step and through plain left-padded full prompts; if their
+    label probabilities differ by more than :data:`PACKED_CHECK_TOLERANCE`, warn and train with length-sorted
+    micro-batches instead (the varlen kernels' masking conventions differ across versions, and a wrong one would
+    train silently on the wrong attention). Returns the difference, or None when steps are not packed."""
+    collator = trainer.data_collator
+    if not getattr(collator, "packed", False):
+        return None
+    rows = [{"input_ids": features[i]["input_ids"], "labels": features[i]["labels"]}
+            for i in range(min(PACKED_CHECK_ROWS, len(features)))]
+    model = trainer.model
+    device = next(model.parameters()).device
+    to_device = lambda step: {  # noqa: E731
+        "micro_batches": [{k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
+                          for mb in step["micro_batches"]], "order": step["order"].to(device)}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        packed = step_logits(model, to_device(collator(rows)), trainer.prefix_ids).float().softmax(-1)
+        plain_collator = TrainStepCollator(collator.pad_token_id, 0, max_micro_batches=1)
+        plain = step_logits(model, to_device(plain_collator(rows))).float().softmax(-1)
+    model.train(was_training)
+    diff = float((packed - plain).abs().max())
+    if diff > PACKED_CHECK_TOLERANCE:
+        logger.warning("packed training steps disagree with plain padded prompts on the first %d rows (max "
+                       "|probability difference| %.3g > %.3g): this attention kernel's varlen masking is not what "
+                       "the packed layout needs, so training uses length-sorted micro-batches instead", len(rows),
+                       diff, PACKED_CHECK_TOLERANCE)
+        trainer.data_collator = TrainStepCollator(collator.pad_token_id, collator.skip_prefix, max_micro_batches)
+    else:
+        logger.info("packed training steps match plain padded prompts (max |probability difference| %.2g)", diff)
+    return diff

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from batching import TrainStepCollator, collate_left_padded, collate_packed, encode_prefix, step_logits
+from batching import collate_left_padded, collate_packed, encode_prefix
 from esci_dataset import PromptEncoder
 from modeling import label_logits
 
@@ -72,46 +72,6 @@ def test_shared_prefix_training_matches_full_prompts_loss_and_lora_gradients(lor
         torch.testing.assert_close(shared_grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
 
 
-def _loss_and_grads(model, logits, labels):
-    model.zero_grad()
-    loss = torch.nn.functional.cross_entropy(logits, labels)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    return loss.detach(), grads
-
-
-def test_packed_step_with_shared_prefix_matches_padded_full_prompts(lora_model, qwen3_tokenizer):
-    """The packed path with the prefix run once (flash-attention's varlen layout, computed here by a
-    pure-PyTorch varlen kernel) gives the plain padded full-prompt step's loss and LoRA gradients."""
-    from varlen_reference import NAME
-
-    enc, feats = _features(qwen3_tokenizer)
-    prefix = enc.head_ids
-    lora_model.train()
-    plain = collate_left_padded(feats, qwen3_tokenizer.pad_token_id)
-    padded_loss, padded_grads = _loss_and_grads(lora_model, label_logits(lora_model, plain), plain["labels"])
-    base = lora_model.get_base_model()
-    base.set_attn_implementation(NAME)
-    try:
-        step = TrainStepCollator(qwen3_tokenizer.pad_token_id, skip_prefix=len(prefix), packed=True)(feats)
-        assert step["micro_batches"][0]["input_ids"].shape[1] == sum(len(f["input_ids"]) - len(prefix) for f in feats)
-        packed_loss, packed_grads = _loss_and_grads(lora_model, step_logits(lora_model, step, prefix), step["labels"])
-    finally:
-        base.set_attn_implementation("sdpa")
-        lora_model.eval()
-    assert all(g.abs().sum() > 0 for g in padded_grads.values())
-    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
-    for name in padded_grads:
-        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-5, rtol=1e-4)
-
-
-def test_packed_prefix_batch_needs_its_prefix(lora_model):
-    batch = collate_packed([{"input_ids": [1, 2, 5, 6, 7]}, {"input_ids": [1, 2, 8, 9]}], skip_prefix=2)
-    with pytest.raises(ValueError, match="without its shared prefix"):
-        label_logits(lora_model, batch)
-
-
 def test_packed_collator_layout_with_shared_prefix():
     """Two prompts after a 2-token prefix: each attends to the prefix, then to itself (hand-computed)."""
     batch = collate_packed([{"input_ids": [1, 2, 5, 6, 7], "labels": 1}, {"input_ids": [1, 2, 8, 9], "labels": 3}],
@@ -132,6 +92,8 @@ def test_packed_collator_layout():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["last_token_mask"].tolist() == [[False, False, True, False, True]]
     assert batch["labels"].tolist() == [1, 3]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5]
+    assert (batch["max_length_q"], batch["max_length_k"]) == (3, 3) and "prefix_key_index" not in batch
 
 
 def test_bench_smoke_runs_the_real_paths_and_reports_every_ratio(tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train as train_cli
+import varlen
 from batching import TrainStepCollator, collate_left_padded, step_logits
 from esci_dataset import PromptEncoder, label_token_ids
 from modeling import apply_lora, attach_label_head, label_logits, load_base_model
@@ -17,19 +18,22 @@ flash = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.fin
                                 and torch.cuda.get_device_capability()[0] >= 8),
                            reason="needs flash-attn on an Ampere or newer GPU")
 
+torch_varlen = pytest.mark.skipif(not (torch.cuda.is_available() and varlen.cuda_kernel_runs(torch.device("cuda"),
+                                                                                          torch.bfloat16)),
+                                  reason="needs PyTorch's varlen attention kernel on an Ampere or newer GPU")
+
 QUERIES = ["usb c charger", "red running shoes for women", "tent", "hdmi cable 2m"]
 DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red " * 20, "Title: tent", "Title: cable"]
 
 
-@flash
-@pytest.mark.parametrize("reuse_prefix", [False, True])
-def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer, reuse_prefix):
-    """The packed (varlen) step, with or without the shared prefix run once, and the plain padded step give the
-    same loss and LoRA gradients (bf16 tolerance)."""
+def _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, packed_attn: str, reuse_prefix: bool):
+    """Loss and LoRA gradients of a packed step under ``packed_attn`` and of the plain padded sdpa step (bf16)."""
     results = []
-    for attn, packed in (("flash_attention_2", True), ("sdpa", False)):
+    for attn, packed in ((packed_attn, True), ("sdpa", False)):
         torch.manual_seed(0)
-        model = load_base_model(tiny_model_dir, torch.bfloat16, no_flash_attn=attn == "sdpa").cuda()
+        model = load_base_model(tiny_model_dir, torch.bfloat16, no_flash_attn=attn != "flash_attention_2").cuda()
+        if attn == varlen.VARLEN_ATTENTION:
+            assert varlen.choose_packed_attention(model)  # CUDA + bf16 + PyTorch's kernel: sdpa is switched
         assert model.config._attn_implementation == attn
         model = apply_lora(attach_label_head(model, label_token_ids(qwen3_tokenizer)), 4, 8, 0.0, "all-linear")
         for name, p in model.named_parameters():
@@ -49,6 +53,20 @@ def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwe
     assert abs(packed_loss - padded_loss) < 2e-2
     for name in padded_grads:
         torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=5e-2, rtol=5e-2)
+
+
+@flash
+@pytest.mark.parametrize("reuse_prefix", [False, True])
+def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer, reuse_prefix):
+    """flash-attn's varlen kernel, with or without the shared prefix run once, against the plain padded step."""
+    _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, "flash_attention_2", reuse_prefix)
+
+
+@torch_varlen
+@pytest.mark.parametrize("reuse_prefix", [False, True])
+def test_packed_torch_varlen_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer, reuse_prefix):
+    """PyTorch's own varlen kernel (no flash-attn installed), with or without the prefix, against the padded step."""
+    _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, varlen.VARLEN_ATTENTION, reuse_prefix)
 
 
 @cuda

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On a CUDA box: the GPU-only tests, then the benchmark at Qwen3-0.6B's shape (random init, no download).
+# Logs and the benchmark's JSON go to OUT_DIR; extra arguments are forwarded to bench.py.
+#   bash scripts/run_gpu_checks.sh
+#   MODEL=/models/Qwen3-0.6B N_QUERIES=100 bash scripts/run_gpu_checks.sh
+set -euo pipefail
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+
+# benchmark
+MODEL="${MODEL:-qwen3-0.6b}"       # 'qwen3-0.6b' (real shape, random init) or a model folder
+N_QUERIES="${N_QUERIES:-40}"       # x 12 items: enough pairs that eval.py's start-up cost is amortized
+WHOLE_PROCESS="${WHOLE_PROCESS:-1}" # 0: skip timing eval.py as a fresh process
+
+# outputs
+OUT_DIR="${OUT_DIR:-outputs/gpu_checks}"
+
+bench_args=(--model "$MODEL" --n_queries "$N_QUERIES" --json "$OUT_DIR/bench.json")
+[ "$WHOLE_PROCESS" = "1" ] && bench_args+=(--whole_process)
+
+cd "$REPO_DIR"
+mkdir -p "$OUT_DIR"
+# The benchmark runs even when a test fails (its numbers and the test log are both worth reading);
+# the script's exit status is the tests', or the benchmark's if the tests passed.
+tests_status=0
+"$PYTHON" -m pytest -q tests/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" || tests_status=$?
+"$PYTHON" bench.py "${bench_args[@]}" "$@" 2>&1 | tee "$OUT_DIR/bench.log"
+exit "$tests_status"

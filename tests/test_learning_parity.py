@@ -95,3 +95,28 @@ def test_opt_in_length_grouping_is_what_collapses(tiny_model_dir, parity_data, r
     """Documents why --group_by_length is off by default: on this data it learns the prior only."""
     accuracy, recalls = train_cli_accuracy(tiny_model_dir, parity_data, str(tmp_path / "grouped"), "--group_by_length")
     assert accuracy < reference_accuracy[0] - 0.2, (accuracy, recalls)
+
+
+def test_packed_steps_learn_as_well_as_a_plain_random_batch_loop(tiny_model_dir, parity_data, reference_accuracy,
+                                                                 tmp_path, monkeypatch):
+    """train.py as it runs on a CUDA box without flash-attn: steps packed into one row through varlen.py's
+    attention (here its per-prompt sdpa), the prefix run once, the start-up check passed."""
+    import training
+    import varlen
+
+    def pack(model):
+        model.get_base_model().set_attn_implementation(varlen.register())
+        return True
+
+    checks = []
+
+    def recorded_check(*args, **kwargs):
+        checks.append(training.check_packed_steps(*args, **kwargs))
+        return checks[-1]
+
+    monkeypatch.setattr(training, "choose_packed_attention", pack)
+    monkeypatch.setattr(train_cli, "check_packed_steps", recorded_check)
+    accuracy, recalls = train_cli_accuracy(tiny_model_dir, parity_data, str(tmp_path / "packed"))
+    assert checks and checks[0] is not None and checks[0] < 1e-5  # steps were packed, and match padded prompts
+    assert accuracy >= 0.9 and accuracy >= reference_accuracy[0] - 0.03, (accuracy, recalls, reference_accuracy)
+    assert min(recalls) > 0.5, recalls

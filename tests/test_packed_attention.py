@@ -125,3 +125,45 @@ def test_cpu_training_keeps_micro_batches(lora_model):
         pytest.skip("CPU decision")
     assert not varlen.choose_packed_attention(lora_model)
     assert lora_model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def _kernel_semantics(q, k, v, cu_q, cu_k, causal: bool, scale=None):
+    """What PyTorch's varlen kernel computes, written with per-prompt sdpa: ``[T, H, D]`` in and out."""
+    assert causal and k.shape[1] == q.shape[1]  # we always ask for causal; heads must match unless GQA is on
+    heads_first = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+    return varlen.per_prompt_sdpa(heads_first(q), heads_first(k), heads_first(v), cu_q, cu_k, scale)[0].transpose(0, 1)
+
+
+def kernel_torch_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    return _kernel_semantics(query, key, value, cu_seq_q, cu_seq_k, is_causal)
+
+
+def kernel_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):
+    return _kernel_semantics(query, key, value, cu_seq_q, cu_seq_k, tuple(window_size) == (-1, 0), scale)
+
+
+def kernel_torch_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    if enable_gqa:
+        key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], dim=1) for t in (key, value))
+    return _kernel_semantics(query, key, value, cu_seq_q, cu_seq_k, tuple(window_size) == (-1, 0), scale)
+
+
+@pytest.mark.parametrize("kernel", [kernel_torch_2_9, kernel_torch_2_11, kernel_torch_2_12])
+def test_cuda_kernel_call_adapts_to_each_torch_signature(kernel, monkeypatch):
+    """PyTorch's varlen_attn changed its signature from 2.9 to 2.12 (``is_causal`` -> ``window_size``; ``scale``
+    and ``enable_gqa`` added). Our call gives the same attention under each, with GQA heads and a non-default
+    scale, as the per-prompt sdpa path, here through stand-ins with each documented signature."""
+    monkeypatch.setattr(varlen, "torch_varlen_kernel", lambda: kernel)
+    torch.manual_seed(0)
+    lengths, prefix, heads, kv_heads, dim = [3, 5, 2], 4, 4, 2, 8
+    layout = collate_packed([{"input_ids": [0] * (prefix + n)} for n in lengths], skip_prefix=prefix)
+    total_q, total_k = int(layout["cu_seq_lens_q"][-1]), int(layout["cu_seq_lens_k"][-1])
+    q = torch.randn(total_q, heads, dim)
+    k, v = torch.randn(total_k, kv_heads, dim), torch.randn(total_k, kv_heads, dim)
+    args = (layout["cu_seq_lens_q"], layout["cu_seq_lens_k"])
+    ours = varlen._cuda_varlen(q, k, v, *args, layout["max_length_q"], layout["max_length_k"], scaling=0.3)
+    expected = varlen.per_prompt_sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                      *args, 0.3)[0].transpose(0, 1)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)

@@ -119,6 +119,19 @@ def test_start_up_check_falls_back_to_micro_batches_from_a_wrong_kernel(lora_mod
     assert "uses length-sorted micro-batches instead" in caplog.text
 
 
+def test_cuda_bf16_training_switches_sdpa_to_the_varlen_implementation(lora_model, monkeypatch):
+    """Where PyTorch's kernel runs (simulated: CUDA, bf16, Ampere+), an sdpa model is switched and packs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(varlen, "cuda_kernel_runs", lambda device, dtype: device.type == "cuda")
+    base = lora_model.get_base_model()
+    try:
+        assert varlen.choose_packed_attention(lora_model)
+        assert base.config._attn_implementation == varlen.VARLEN_ATTENTION
+        assert varlen.choose_packed_attention(lora_model)  # already switched: still packs
+    finally:
+        base.set_attn_implementation("sdpa")
+
+
 def test_cpu_training_keeps_micro_batches(lora_model):
     """On CPU a packed step measured as fast as micro-batches (not faster), so sdpa models are not switched."""
     if torch.cuda.is_available():

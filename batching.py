@@ -140,6 +140,17 @@ def collate_packed(features: list[dict], skip_prefix: int = 0) -> dict[str, torc
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # what the attention kernels read
 
 
+def packed_forward_kwargs(batch: dict, prefix_kv: "PrefixKV | None") -> dict:
+    """The forward's kwargs for a :func:`collate_packed` row beyond ids and positions: the varlen layout, and
+    for a row collated without the shared prefix, the cache that supplies it (``prefix_kv`` must be that prefix)."""
+    kwargs = {k: batch[k] for k in VARLEN_KEYS if k in batch}
+    if "prefix_key_index" not in batch:
+        return {**kwargs, "use_cache": False}
+    if prefix_kv is None or prefix_kv.length != batch["max_length_k"] - batch["max_length_q"]:
+        raise ValueError("this packed batch was collated without its shared prefix: pass that prefix's prefix_kv")
+    return {**kwargs, "use_cache": True, **prefix_kv.cache_kwargs(1, batch["prefix_key_index"])}
+
+
 def _varlen_layout(lengths: Sequence[int], prefix_len: int) -> dict:
     """Varlen kwargs for packed prompts of ``lengths`` that each attend to a shared ``prefix_len``-token prefix
     (none if 0). With a prefix, ``prefix_key_index`` picks each prompt's ``[prefix, prompt]`` keys from the

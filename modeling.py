@@ -109,16 +109,10 @@ def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=Non
     Extra keys (``labels``) are ignored.
     """
     if "last_token_mask" in batch:
-        from batching import VARLEN_KEYS
+        from batching import packed_forward_kwargs
 
-        cache = {}
-        if "prefix_key_index" in batch:
-            if prefix_kv is None or prefix_kv.length != batch["max_length_k"] - batch["max_length_q"]:
-                raise ValueError("this packed batch was collated without its shared prefix: pass that prefix's prefix_kv")
-            cache = prefix_kv.cache_kwargs(1, batch["prefix_key_index"])
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    logits_to_keep=batch["last_token_mask"], use_cache=bool(cache), **cache,
-                    **{k: batch[k] for k in VARLEN_KEYS if k in batch})
+                    logits_to_keep=batch["last_token_mask"], **packed_forward_kwargs(batch, prefix_kv))
         logits = out.logits.reshape(-1, out.logits.shape[-1])
     elif prefix_kv is not None:
         n_rows = batch["input_ids"].shape[0]

@@ -113,10 +113,16 @@ def per_prompt_sdpa(query, key, value, cu_q, cu_k, scaling: float | None = None)
     return torch.cat(outs, dim=2)
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(kernel) -> frozenset:
+    """The kernel's parameter names, read once (the call runs in every layer of every packed step)."""
+    return frozenset(inspect.signature(kernel).parameters)
+
+
 def _cuda_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling: float | None) -> torch.Tensor:
     """``q [T, H, D]``, ``k/v [S, H_kv, D]`` -> ``[T, H, D]`` through PyTorch's varlen flash kernel, causal."""
     kernel = torch_varlen_kernel()
-    params = inspect.signature(kernel).parameters  # the signature changed across torch 2.9 - 2.12
+    params = _parameters(kernel)  # the signature changed across torch 2.9 - 2.12
     kwargs = {}
     if "scale" in params:
         kwargs["scale"] = scaling

@@ -27,7 +27,7 @@ DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red
 
 
 def _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, packed_attn: str, reuse_prefix: bool):
-    """Loss and LoRA gradients of a packed step under ``packed_attn`` and of the plain padded sdpa step (bf16)."""
+    """``[(loss, LoRA grads) of a packed step under packed_attn, (loss, grads) of the plain padded sdpa step]`` (bf16)."""
     results = []
     for attn, packed in ((packed_attn, True), ("sdpa", False)):
         torch.manual_seed(0)
@@ -49,8 +49,11 @@ def _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, packed_att
         loss = torch.nn.functional.cross_entropy(step_logits(model, step, prefix).float(), step["labels"])
         loss.backward()
         results.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (packed_loss, packed_grads), (padded_loss, padded_grads) = results
-    assert abs(packed_loss - padded_loss) < 2e-2
+    return results
+
+
+def _assert_same_grads(packed_grads, padded_grads):
+    assert packed_grads.keys() == padded_grads.keys() and all(g.abs().sum() > 0 for g in padded_grads.values())
     for name in padded_grads:
         torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=5e-2, rtol=5e-2)
 
@@ -59,14 +62,20 @@ def _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, packed_att
 @pytest.mark.parametrize("reuse_prefix", [False, True])
 def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer, reuse_prefix):
     """flash-attn's varlen kernel, with or without the shared prefix run once, against the plain padded step."""
-    _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, "flash_attention_2", reuse_prefix)
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = _packed_step_against_padded_step(
+        tiny_model_dir, qwen3_tokenizer, "flash_attention_2", reuse_prefix)
+    assert abs(packed_loss - padded_loss) < 2e-2
+    _assert_same_grads(packed_grads, padded_grads)
 
 
 @torch_varlen
 @pytest.mark.parametrize("reuse_prefix", [False, True])
 def test_packed_torch_varlen_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer, reuse_prefix):
     """PyTorch's own varlen kernel (no flash-attn installed), with or without the prefix, against the padded step."""
-    _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, varlen.VARLEN_ATTENTION, reuse_prefix)
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = _packed_step_against_padded_step(
+        tiny_model_dir, qwen3_tokenizer, varlen.VARLEN_ATTENTION, reuse_prefix)
+    assert abs(packed_loss - padded_loss) < 2e-2
+    _assert_same_grads(packed_grads, padded_grads)
 
 
 @cuda

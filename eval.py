@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     logits = shard.gather(mine, len(df))
     if not shard.is_main:
         return 0
-    probs = probs_from_logits(logits, reranker.temperature)  # exactly what Reranker and predict.py give
+    try:
+        probs = probs_from_logits(logits, reranker.temperature)  # exactly what Reranker and predict.py give
+    except ESCIDataError as exc:  # non-finite logits: a broken adapter or an overflowing dtype
+        return cli_error(f"--base_model {args.base_model}, --lora_model {args.lora_model}: {exc}")
     if (warning := reranker.encoder.truncation_warning()):  # (under torchrun: rank 0's share of the rows)
         logger.warning("eval data: %s", warning)
 

@@ -57,6 +57,7 @@ from reranker import (
     check_model_paths,
     prediction_columns,
     prediction_records,
+    probs_from_logits,
     rank_results,
 )
 
@@ -368,11 +369,17 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%s has no pairs; writing an empty output", args.input)
         probs = np.zeros((0, len(PROB_COLUMNS)))
     else:
-        mine = reranker.predict_probs(shard.take(queries), shard.take(items),
-                                      progress=shard.is_main and args.input != "-")  # tqdm on stderr for files
-        probs = shard.gather(mine, len(queries))
-        if shard.is_main and (warning := reranker.encoder.truncation_warning()):
+        mine = reranker.predict_logits(shard.take(queries), shard.take(items),
+                                       progress=shard.is_main and args.input != "-")  # tqdm on stderr for files
+        logits = shard.gather(mine, len(queries))
+        if not shard.is_main:
+            return 0
+        if (warning := reranker.encoder.truncation_warning()):
             logger.warning("input: %s", warning)
+        try:  # on rank 0 after the gather, so a refusal never leaves other ranks waiting
+            probs = probs_from_logits(logits, reranker.temperature)
+        except ESCIDataError as exc:  # non-finite logits: a broken adapter or an overflowing dtype
+            return cli_error(f"--base_model {args.base_model}, --lora_model {args.lora_model}: {exc}")
     if not shard.is_main:
         return 0
     df, records = with_predictions(df, records, probs, args.top_k, args.column_prefix)

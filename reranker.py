@@ -157,13 +157,25 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+_SHOW_BAD_ROWS = 5  # rows named in the non-finite-logits error
+
+
 def probs_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """``softmax(logits / temperature)`` over the last axis, in float64. ``logits: [N, 4]`` -> ``[N, 4]``.
 
-    Every scoring path ends here, so a temperature is applied the same way everywhere.
+    Every scoring path ends here, so a temperature is applied the same way everywhere, and
+    non-finite logits are refused here (ESCIDataError): their probabilities would be NaN, and the
+    label and rank taken from them arbitrary.
     """
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    return torch.softmax(logits / temperature, dim=-1).numpy()
+    logits = np.asarray(logits)
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=-1)) if logits.size else np.zeros(0, dtype=np.int64)
+    if len(bad):
+        rows = ", ".join(map(str, bad[:_SHOW_BAD_ROWS].tolist())) + (", ..." if len(bad) > _SHOW_BAD_ROWS else "")
+        raise ESCIDataError(
+            f"the model gave non-finite label logits (NaN or inf) for {len(bad)} of {len(logits)} pairs "
+            f"(0-based input rows {rows}); no scores were produced. Its weights hold NaN or inf (e.g. an adapter "
+            f"saved after training diverged), or the dtype overflowed: check the adapter, or try --dtype fp32.")
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, dim=-1).numpy()
 
 
 def score_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = DEFAULT_BATCH_SIZE,

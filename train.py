@@ -50,6 +50,7 @@ from training import (
     check_packed_steps,
     compute_metrics,
     fit_held_out_temperature,
+    non_finite_parameters,
     save_run_contract,
     step_collator,
     training_arguments,
@@ -325,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Train; save the adapter (safetensors) and tokenizer; evaluate and calibrate on held-out queries
     result = trainer.train(resume_from_checkpoint=resume)
+    broken, n_trained = non_finite_parameters(model)
+    if broken:  # NaN weights score every pair NaN: refuse to save them as the run's adapter
+        return cli_error(
+            f"training diverged: {len(broken)} of {n_trained} trained tensors hold NaN or inf after step "
+            f"{trainer.state.global_step} (first: {broken[0]}), so no adapter was saved in {args.output_dir}. "
+            f"Lower --learning_rate (it was {args.learning_rate:g}), or continue from a checkpoint-* folder saved "
+            f"before the divergence with --resume_from_checkpoint.")
     trainer.save_model(args.output_dir)
     metrics = {"train": result.metrics, **evaluate_held_out(trainer, eval_ds, args.calibrate)}
 

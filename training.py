@@ -102,6 +102,17 @@ def fit_held_out_temperature(logits: np.ndarray, labels: np.ndarray) -> dict:
     return {"n": int(len(labels)), **calibration_before_after(softmax(logits), labels, temperature)}
 
 
+def non_finite_parameters(model) -> tuple[list[str], int]:
+    """(names of the trained tensors holding NaN or inf, number of trained tensors).
+
+    After a diverged run every rank holds the same tensors (DDP keeps them equal), so every rank
+    reaches the same verdict. Checked after training: the Trainer's logged loss filters NaN steps
+    out (``logging_nan_inf_filter``), so a NaN run can otherwise look quiet.
+    """
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [name for name, p in trained if not bool(torch.isfinite(p).all())], len(trained)
+
+
 def launched_distributed() -> bool:
     """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -189,14 +189,16 @@ def test_help_reads_like_docs(capsys):
 # (a stand-in reranker: these are about predict.py's input and output, not the model)
 # ---------------------------------------------------------------------------
 class FixedReranker:
-    """Returns ``probs`` for every pair; NaN rows are what a broken or overflowed model gives."""
+    """Gives every pair the logits ``log(probs)``, so predict.py's softmax returns ``probs``."""
+
+    temperature = 1.0
 
     def __init__(self, probs):
-        self.probs = np.asarray(probs, dtype=np.float64)
+        self.logits = np.log(np.asarray(probs, dtype=np.float64))
         self.encoder = SimpleNamespace(truncation_warning=lambda: None)
 
-    def predict_probs(self, queries, items, progress=False):
-        return np.resize(self.probs, (len(queries), 4))
+    def predict_logits(self, queries, items, progress=False):
+        return np.resize(self.logits, (len(queries), 4))
 
 
 @pytest.fixture
@@ -223,13 +225,12 @@ def test_user_columns_are_refused_then_kept_beside_prefixed_ones(fixed_model, tm
 
 
 def test_jsonl_output_is_strict_json(fixed_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args, device=None: FixedReranker([[np.nan] * 4, [0.25] * 4]))
+    # (a model's NaN logits never get here: tests/test_non_finite_logits.py)
     stdin = '{"query": "q", "item_text": "a", "weight": Infinity}\n{"query": "q", "item_text": "b", "weight": NaN}\n'
     rc, out, _ = _run([*fixed_model, "--input", "-"], capsys, stdin, monkeypatch)
     assert rc == 0
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) for line in out.splitlines()]
-    assert [r["weight"] for r in rows] == [None, None] and rows[0]["p_E"] is None and rows[0]["score"] is None
-    assert rows[1]["p_E"] == 0.25
+    assert [r["weight"] for r in rows] == [None, None] and rows[1]["p_E"] == pytest.approx(0.7)
 
 
 def test_output_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -267,6 +267,11 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, no_flash_attn
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, use_safetensors=True)
 
 
+def non_finite_names(named_tensors) -> list[str]:
+    """The names, in order, of the ``(name, tensor)`` pairs whose tensor holds NaN or inf."""
+    return [name for name, tensor in named_tensors if not bool(torch.isfinite(tensor).all())]
+
+
 def parse_target_modules(spec: str) -> str | list[str]:
     """``"q_proj,v_proj"`` -> list; ``"all-linear"`` stays a string (peft's keyword)."""
     spec = spec.strip()

@@ -35,6 +35,7 @@ from modeling import (
     label_logits,
     load_base_model,
     load_tokenizer,
+    non_finite_names,
     read_json_object,
     read_reranker_config,
     resolve_dtype,
@@ -125,6 +126,12 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
         except RuntimeError as exc:  # e.g. adapter shapes from another base model
             raise ESCIDataError(f"--lora_model {lora_model} does not fit --base_model {base_model}: "
                                 f"{str(exc).splitlines()[0]}") from None
+        broken = non_finite_names((name, p) for name, p in model.named_parameters() if "lora_" in name)
+        if broken:  # every pair would score NaN, and an export would serve NaN
+            raise ESCIDataError(
+                f"--lora_model {lora_model}: {len(broken)} adapter tensor(s) hold NaN or inf (first: {broken[0]}), "
+                f"so every pair would score NaN. It was probably saved after training diverged: use an earlier "
+                f"checkpoint-* folder, or train again with a lower --learning_rate.")
     elif os.path.isfile(os.path.join(base_model, LABEL_CONFIG_NAME)):
         check_reranker_config(base_model, tokenizer)  # a merged export (export.py --format merged)
     attach_label_head(model.get_base_model() if lora_model else model, label_token_ids(tokenizer))

@@ -21,7 +21,7 @@ from checkpoints import RUN_CONFIG_NAME
 from cli_utils import write_json, write_text
 from esci_dataset import PromptEncoder
 from metrics import calibration_before_after, classification_metrics, fit_temperature, majority_baseline, softmax
-from modeling import save_reranker_config
+from modeling import non_finite_names, save_reranker_config
 from varlen import choose_packed_attention
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def non_finite_parameters(model) -> tuple[list[str], int]:
     out (``logging_nan_inf_filter``), so a NaN run can otherwise look quiet.
     """
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return [name for name, p in trained if not bool(torch.isfinite(p).all())], len(trained)
+    return non_finite_names(trained), len(trained)
 
 
 def launched_distributed() -> bool:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import demo
 import eval as eval_cli
+import export as export_cli
 import predict as predict_cli
 import train as train_cli
 from esci_dataset import ESCIDataError
@@ -50,6 +51,19 @@ def pairs_file(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("pairs") / "pairs.parquet")
     PAIRS.to_parquet(path, index=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def nan_adapter(adapter_dir, tmp_path_factory) -> str:
+    """The test adapter with one NaN in a LoRA weight, as a run that diverged before saving leaves it."""
+    folder = str(tmp_path_factory.mktemp("nan_adapter") / "lora")
+    shutil.copytree(adapter_dir, folder)
+    path = os.path.join(folder, "adapter_model.safetensors")
+    weights = load_file(path)
+    name = sorted(k for k in weights if "lora_B" in k)[0]
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    return folder
 
 
 def _flags(model: str) -> list[str]:
@@ -118,3 +132,26 @@ def test_train_refuses_to_save_an_adapter_that_went_nan(poisoned_model, tmp_path
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "training diverged" in line[0] and "after step 3" in line[0] and "lora_" in line[0]
     assert not (out / "adapter_model.safetensors").exists() and not (out / "reranker_config.json").exists()
+
+
+@pytest.mark.parametrize("cli", ["eval", "predict", "export"])
+def test_an_adapter_with_nan_weights_is_refused_when_it_loads(cli, tiny_model_dir, nan_adapter, pairs_file, tmp_path,
+                                                              capsys):
+    model = [*_flags(tiny_model_dir), "--lora_model", nan_adapter]
+    if cli == "eval":
+        rc = eval_cli.main([*model, "--eval_file", pairs_file, "--metrics_path", str(tmp_path / "m.json")])
+    elif cli == "predict":
+        rc = predict_cli.main([*model, "--input", pairs_file, "--output", str(tmp_path / "out.parquet")])
+    else:
+        rc = export_cli.main(["--base_model", tiny_model_dir, "--lora_model", nan_adapter, "--format", "merged",
+                              "--output_dir", str(tmp_path / "export")])
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and "Traceback" not in err and len(line) == 1
+    assert nan_adapter in line[0] and "1 adapter tensor(s) hold NaN or inf" in line[0] and "lora_B" in line[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_api_refuses_an_adapter_with_nan_weights(tiny_model_dir, nan_adapter):
+    with pytest.raises(ESCIDataError, match="1 adapter tensor.s. hold NaN or inf"):
+        Reranker.from_pretrained(tiny_model_dir, nan_adapter, device="cpu", dtype="fp32")

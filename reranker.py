@@ -74,7 +74,27 @@ def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
     if local_only and not os.path.isdir(os.path.expanduser(base_model)):
         raise ESCIDataError(f"base_model {base_model}: folder not found")
     check_safetensors_only(os.path.expanduser(base_model), "base_model")
+    check_not_a_classifier(os.path.expanduser(base_model))
     check_hub_reachable(base_model, "base_model")
+
+
+def check_not_a_classifier(folder: str) -> None:
+    """Refuse a sequence-classification folder (``export.py --format seq_cls``) as the base model.
+
+    transformers would load its decoder as a causal LM and drop the ``score`` head, and with it the
+    temperature folded into that head: the run would succeed with other probabilities.
+    """
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    classifiers = [a for a in read_json_object(config_path).get("architectures") or []
+                   if str(a).endswith("ForSequenceClassification")]
+    if classifiers:
+        raise ESCIDataError(
+            f"base_model {folder}: a sequence classifier ({classifiers[0]}, as export.py --format seq_cls writes for "
+            f"serving engines). Scoring here reads the causal LM's label-word logits, which would drop its score head "
+            f"and the temperature folded into it. Pass the adapter (--lora_model) with its base model, or an "
+            f"export.py --format merged folder.")
 
 
 def check_safetensors_readable(path: str) -> None:

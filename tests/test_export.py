@@ -13,7 +13,7 @@ import torch
 
 import demo
 import export as export_cli
-from esci_dataset import LABELS, render_prompt
+from esci_dataset import LABELS, ESCIDataError, render_prompt
 from modeling import LABEL_CONFIG_NAME, attach_label_head
 from reranker import Reranker, score_token_ids
 
@@ -140,6 +140,13 @@ def test_seq_cls_score_rows_are_the_merged_label_rows(exports):
         label_ids = json.load(f)["label_token_ids"]
     assert torch.equal(seq_cls["score.weight"], merged["model.embed_tokens.weight"][label_ids])  # tied in Qwen3
     assert torch.equal(seq_cls["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_our_scoring_refuses_a_seq_cls_export_as_its_base_model(exports):
+    # Loaded as a causal LM it would lose its score head and the temperature folded into it, and score other
+    # probabilities with exit 0; the merged export is the one our tools take.
+    with pytest.raises(ESCIDataError, match="sequence classifier .Qwen3ForSequenceClassification"):
+        Reranker.from_pretrained(exports["seq_cls"], device="cpu", dtype="fp32")
 
 
 def test_prompt_file_template_renders_our_prompt(exports):

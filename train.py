@@ -51,6 +51,7 @@ from training import (
     compute_metrics,
     fit_held_out_temperature,
     non_finite_parameters,
+    report_to_problem,
     save_run_contract,
     step_collator,
     training_arguments,
@@ -169,6 +170,15 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--eval_steps must be at least 1, got {args.eval_steps}")
     if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
         parser.error(f"--preprocessing_num_workers must be at least 1, got {args.preprocessing_num_workers}")
+    from transformers import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for flag, names in (("optim", OptimizerNames), ("lr_scheduler_type", SchedulerType)):
+        if getattr(args, flag) not in {name.value for name in names}:
+            parser.error(f"--{flag} {getattr(args, flag)!r}: not a transformers name; use one of "
+                         f"{', '.join(name.value for name in names)}")
+    if (problem := report_to_problem(args.report_to)):
+        parser.error(f"--report_to {args.report_to}: {problem}")
     if args.bf16:
         args.dtype = "bf16"
 

@@ -113,6 +113,54 @@ def non_finite_parameters(model) -> tuple[list[str], int]:
     return non_finite_names(trained), len(trained)
 
 
+_WANDB_OFF = ("offline", "disabled", "dryrun")
+
+
+def report_to_problem(report_to: str) -> str | None:
+    """Why ``--report_to`` would fail once training starts (unknown name, package missing, W&B without
+    credentials), or None. The Trainer only finds out after the model has loaded, with a traceback."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [name.strip() for name in report_to.split(",") if name.strip() not in ("", "none", "all")]
+    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        return (f"unknown {', '.join(map(repr, unknown))}; use none, all, or any of "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (comma-separated)")
+    missing = [name for name in names if name not in get_available_reporting_integrations()]
+    if missing:
+        return f"{', '.join(missing)} is not installed here (pip install it, or drop it from --report_to)"
+    if "wandb" in names and not wandb_has_credentials():
+        return ("wandb has no API key here (WANDB_API_KEY, `wandb login`, or ~/.netrc): set one, or run with "
+                "WANDB_MODE=offline and `wandb sync` the run later")
+    return None
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B runs offline or finds an API key without prompting (older wandb: assumed True).
+
+    The usual places (WANDB_API_KEY, a netrc entry) are read first: asking wandb itself takes seconds.
+    """
+    if os.environ.get("WANDB_MODE", "").lower() in _WANDB_OFF or os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return True
+    except (OSError, netrc.NetrcParseError):
+        pass
+    import inspect
+
+    import wandb
+
+    if "prompt" not in inspect.signature(wandb.login).parameters:  # wandb < 0.22 cannot ask without prompting
+        return True
+    return bool(wandb.login(prompt=False, verify=False))  # its settings files, identity tokens, ...
+
+
 def launched_distributed() -> bool:
     """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

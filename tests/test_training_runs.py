@@ -109,3 +109,31 @@ def test_torchrun_two_processes_train_like_one_process_with_the_combined_batch(t
     assert any(v.abs().sum() > 0 for v in one_process.values())
     for key in one_process:
         torch.testing.assert_close(two_ranks[key], one_process[key], atol=1e-5, rtol=1e-4)
+
+
+def test_report_to_wandb_without_credentials_stops_before_the_model_loads(tiny_model_dir, demo_data, tmp_path,
+                                                                          monkeypatch, capsys):
+    # It used to fail after the model had loaded, with wandb's UsageError traceback.
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_cli, "load_base_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(SystemExit) as stop:
+        train_cli.main(_args(tiny_model_dir, demo_data[0], str(tmp_path / "out"), "--report_to", "wandb"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--report_to wandb" in err and "no API key" in err and "WANDB_MODE=offline" in err
+
+
+def test_report_to_a_logger_that_is_not_installed_stops_before_the_model_loads(tiny_model_dir, demo_data, tmp_path,
+                                                                               monkeypatch, capsys):
+    from transformers.integrations import is_tensorboard_available
+
+    if is_tensorboard_available():
+        pytest.skip("tensorboard is installed here")
+    monkeypatch.setattr(train_cli, "load_base_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(SystemExit) as stop:
+        train_cli.main(_args(tiny_model_dir, demo_data[0], str(tmp_path / "out"), "--report_to", "tensorboard"))
+    assert stop.value.code == 2 and "tensorboard is not installed" in capsys.readouterr().err

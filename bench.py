@@ -344,7 +344,8 @@ def run_benchmarks(args, workdir: str) -> int:
         print(f"{'packed' if collator.packed else 'left-padded micro-batches'}; shared prefix {len(prefix_ids)} tokens "
               f"of {lengths.mean():.0f} per pair on average")
         print(f"speedup per repeat: {', '.join(f'{r:.2f}' for r in ratios)}")
-        print(f"prefix reuse saves: {', '.join(f'{r:.2f}' for r in prefix_ratios)} (prefix in every row / ours)")
+        print(f"prefix reuse speedup per repeat: {', '.join(f'{r:.2f}' for r in prefix_ratios)} "
+              "(prefix in every row / ours; below 1 it costs time)")
         lines.append(f"train_speedup_vs_naive: {t['speedup']:.2f}")
         lines.append(f"train_peak_memory_ratio: {mem_ratio:.2f}")
         lines.append(f"train_prefix_reuse_speedup: {t['prefix_reuse_speedup']:.2f}")

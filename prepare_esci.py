@@ -121,8 +121,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.item_fields = [f.strip() for f in args.item_fields.split(",") if f.strip()]
     unknown = [f for f in args.item_fields if f not in ITEM_FIELDS]
-    if unknown or not args.item_fields or len(set(args.item_fields)) != len(args.item_fields):
-        parser.error(f"--item_fields must list distinct names from {', '.join(ITEM_FIELDS)}; got unknown {unknown}")
+    if not args.item_fields:
+        parser.error(f"--item_fields is empty; list one or more of {', '.join(ITEM_FIELDS)}")
+    if unknown:
+        parser.error(f"--item_fields: unknown {', '.join(map(repr, unknown))}; use names from {', '.join(ITEM_FIELDS)}")
+    if len(set(args.item_fields)) != len(args.item_fields):
+        repeated = sorted({f for f in args.item_fields if args.item_fields.count(f) > 1})
+        parser.error(f"--item_fields names {', '.join(repeated)} more than once")
     if args.max_item_chars < 1:
         parser.error(f"--max_item_chars must be >= 1, got {args.max_item_chars}")
     if args.token_sample_rows < 0:

@@ -23,6 +23,9 @@ mkdir -p "$OUT_DIR"
 # The benchmark runs even when a test fails (its numbers and the test log are both worth reading);
 # the script's exit status is the tests', or the benchmark's if the tests passed.
 tests_status=0
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "note: no CUDA device here, so tests/test_gpu.py skips its tests and bench.py measures this CPU" >&2
+fi
 "$PYTHON" -m pytest -q tests/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" || tests_status=$?
 "$PYTHON" bench.py "${bench_args[@]}" "$@" 2>&1 | tee "$OUT_DIR/bench.log"
 exit "$tests_status"

@@ -280,9 +280,11 @@ def test_split_left_empty_is_an_error(esci_dir, tmp_path, capsys):
 
 
 def test_bad_flags_and_help(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--esci_dir", "x", "--item_fields", "title,price"])
-    assert exc.value.code == 2 and "price" in capsys.readouterr().err
+    for fields, said in (("title,price", "unknown 'price'"), ("", "--item_fields is empty"), (" , ", "is empty"),
+                         ("title,brand,title", "names title more than once")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--esci_dir", "x", "--item_fields", fields])
+        assert exc.value.code == 2 and said in capsys.readouterr().err, fields
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "--max_item_chars" in capsys.readouterr().out

@@ -18,10 +18,10 @@ import demo
 import eval as eval_cli
 import export as export_cli
 import predict as predict_cli
+import sharding
 import train as train_cli
 from esci_dataset import ESCIDataError
 from reranker import Reranker, probs_from_logits
-from tests.conftest import ROOT, run_torchrun
 
 POISON = " velvet"  # one token with the real Qwen3 tokenizer; only the pairs that contain it go NaN
 PAIRS = pd.DataFrame({
@@ -107,16 +107,22 @@ def test_the_clis_exit_2_with_the_rows_and_write_nothing(cli, poisoned_model, pa
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_torchrun_predict_refuses_a_bad_row_scored_on_the_other_rank_without_hanging(poisoned_model, pairs_file,
-                                                                                     tmp_path):
-    # Strided shards: rows 1 and 3 go to rank 1, so rank 0 learns of the NaN only from the gather.
+@pytest.mark.parametrize("cli", ["eval", "predict"])
+def test_a_rank_whose_rows_went_nan_still_reaches_the_gather(cli, poisoned_model, tmp_path, monkeypatch):
+    # Under torchrun, a rank that refused on its own would leave the others waiting in the gather (up to
+    # sharding.GATHER_TIMEOUT). Rank 1 of 2 takes rows 1 and 3, so it holds the NaN row 1: it must hand its
+    # logits over as they are, and the refusal come from rank 0, which sees every row.
     data = tmp_path / "pairs.parquet"
-    PAIRS.iloc[[0, 1, 2, 3]].to_parquet(data, index=False)  # the NaN row 1 is on rank 1 only
-    out = tmp_path / "out.parquet"
-    proc = run_torchrun(os.path.join(ROOT, "predict.py"), *_flags(poisoned_model), "--input", str(data),
-                        "--output", str(out), timeout=300)
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "1 of 4 pairs (0-based input rows 1)" in proc.stderr and not out.exists()
+    PAIRS.iloc[[0, 1, 2, 3]].to_parquet(data, index=False)
+    handed_over = []
+    monkeypatch.setattr(sharding, "start", lambda: sharding.Shard(rank=1, world_size=2))
+    monkeypatch.setattr(sharding.Shard, "gather", lambda self, part, n: handed_over.append(part))
+    if cli == "eval":
+        rc = eval_cli.main([*_flags(poisoned_model), "--eval_file", str(data), "--metrics_path", str(tmp_path / "m.json")])
+    else:
+        rc = predict_cli.main([*_flags(poisoned_model), "--input", str(data), "--output", str(tmp_path / "out.parquet")])
+    assert rc == 0 and len(handed_over) == 1  # not the main rank: nothing to write
+    assert np.isnan(handed_over[0][0]).all() and np.isfinite(handed_over[0][1]).all()  # rows 1 (NaN) and 3
 
 
 def test_train_refuses_to_save_an_adapter_that_went_nan(poisoned_model, tmp_path, capsys):

@@ -156,7 +156,7 @@ def wandb_has_credentials() -> bool:
 
     import wandb
 
-    if "prompt" not in inspect.signature(wandb.login).parameters:  # wandb < 0.22 cannot ask without prompting
+    if "prompt" not in inspect.signature(wandb.login).parameters:  # an older wandb can only ask by prompting
         return True
     return bool(wandb.login(prompt=False, verify=False))  # its settings files, identity tokens, ...
 

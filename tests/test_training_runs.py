@@ -137,3 +137,20 @@ def test_report_to_a_logger_that_is_not_installed_stops_before_the_model_loads(t
     with pytest.raises(SystemExit) as stop:
         train_cli.main(_args(tiny_model_dir, demo_data[0], str(tmp_path / "out"), "--report_to", "tensorboard"))
     assert stop.value.code == 2 and "tensorboard is not installed" in capsys.readouterr().err
+
+
+def test_wandb_credentials_in_a_netrc_or_the_environment_are_found_without_asking_wandb(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    import training
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(wandb, "login", lambda *a, **k: pytest.fail("asked wandb (seconds) although a key was at hand"))
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert training.report_to_problem("wandb") is None
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert training.report_to_problem("none,wandb") is None

@@ -19,7 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from esci_dataset import LABEL_TEXT, LABELS, atomic_write
-from metrics import ECE_BINS, confusion_matrix, expected_calibration_error, reliability_bins, roc_auc
+from calibration import ECE_BINS, expected_calibration_error, reliability_bins
+from metrics import confusion_matrix, roc_auc
 from reranker import scores_from_probs
 
 DPI = 100  # 4.5 x 3.6 in at 100 dpi -> 450 x 360 px: readable in a README, tens of KB as PNG

@@ -195,7 +195,7 @@ def probs_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarra
     label and rank taken from them arbitrary.
     """
     logits = np.asarray(logits)
-    bad = np.flatnonzero(~np.isfinite(logits).all(axis=-1)) if logits.size else np.zeros(0, dtype=np.int64)
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=-1))
     if len(bad):
         rows = ", ".join(map(str, bad[:_SHOW_BAD_ROWS].tolist())) + (", ..." if len(bad) > _SHOW_BAD_ROWS else "")
         raise ESCIDataError(

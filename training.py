@@ -20,7 +20,8 @@ from batching import TrainStepCollator, step_logits
 from checkpoints import RUN_CONFIG_NAME
 from cli_utils import write_json, write_text
 from esci_dataset import PromptEncoder
-from metrics import calibration_before_after, classification_metrics, fit_temperature, majority_baseline, softmax
+from calibration import calibration_before_after, fit_temperature, softmax
+from metrics import classification_metrics, majority_baseline
 from modeling import non_finite_names, save_reranker_config
 from varlen import choose_packed_attention
 

@@ -15,7 +15,7 @@ import export as export_cli
 import predict as predict_cli
 import training
 from esci_dataset import LABEL_TO_ID, ESCIDataError
-from metrics import nll, softmax
+from calibration import nll, softmax
 from modeling import LABEL_CONFIG_NAME, temperature_from_config
 from reranker import PROB_COLUMNS, Reranker, probs_from_logits
 

@@ -1,27 +1,22 @@
-"""Metrics against hand-computed values."""
+"""Metrics and calibration against hand-computed values."""
 
 import json
 
 import numpy as np
 import pytest
 
+from calibration import brier_score, calibration_before_after, expected_calibration_error, fit_temperature, nll, softmax
 from metrics import (
-    brier_score,
-    calibration_before_after,
     classification_metrics,
     confusion_matrix,
     esci_tasks,
     evaluation_report,
-    expected_calibration_error,
-    fit_temperature,
     format_report,
     majority_baseline,
     mean_ndcg,
     ndcg,
-    nll,
     per_class_report,
     roc_auc,
-    softmax,
     task1_ranking_ndcg,
     task2_esci_f1,
     task3_substitute_micro_f1,

@@ -1,6 +1,6 @@
 """Our numpy metrics against scikit-learn's (a dev-only dependency) on random inputs with ties and absent classes.
 
-metrics.py does not import scikit-learn (1.2 s per process, and ~1 ms a query for nDCG); these tests
+metrics.py and calibration.py do not import scikit-learn (1.2 s per process, and ~1 ms a query for nDCG); these tests
 hold its definitions to scikit-learn's, edge cases included.
 """
 
@@ -9,16 +9,14 @@ import pytest
 from scipy.optimize import minimize_scalar
 from sklearn import metrics as skm
 
+from calibration import fit_temperature, nll, softmax
 from metrics import (
     NDCG_GAINS,
     classification_metrics,
     confusion_matrix,
-    fit_temperature,
-    nll,
     per_class_report,
     per_query_ndcg,
     roc_auc,
-    softmax,
     task3_substitute_micro_f1,
 )
 from esci_dataset import LABELS

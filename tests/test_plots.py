@@ -8,9 +8,10 @@ import struct
 import numpy as np
 import pytest
 
-import metrics
+import calibration
 import plots
-from metrics import expected_calibration_error, roc_auc
+from calibration import expected_calibration_error
+from metrics import roc_auc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 150_000  # the figures go into the README
@@ -67,7 +68,7 @@ def test_reliability_bins_hand_computed():
     np.testing.assert_allclose(accuracy[[1, 3]], [1 / 3, 1.0])
     np.testing.assert_allclose(mean_conf[[1, 3]], [1.1 / 3, 0.95])
     assert np.isnan(accuracy[[0, 2]]).all() and np.isnan(mean_conf[[0, 2]]).all()
-    assert plots.reliability_bins is metrics.reliability_bins  # the figure draws the bins the ECE uses
+    assert plots.reliability_bins is calibration.reliability_bins  # the figure draws the bins the ECE uses
     # The same rows as probabilities (argmax = first maximum): ECE = (3 * |1/3 - 1.1/3| + 2 * |1 - 0.95|) / 5
     probs = np.array([[0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2], [0.5, 0.5, 0, 0], [0.9, 0.1, 0, 0], [1.0, 0, 0, 0]])
     assert expected_calibration_error(probs, np.array([0, 1, 1, 0, 0]), n_bins=4) == pytest.approx(0.04)

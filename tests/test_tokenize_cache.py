@@ -1,8 +1,7 @@
-"""tokenized.py: the same token ids as PromptEncoder, one tokenization per node under torchrun, a cache keyed
-on everything that decides the ids."""
+"""tokenized.py: the same token ids as PromptEncoder, a cache keyed on everything that decides the ids. (One
+tokenization per node under torchrun is checked in test_training_runs.py, in its torchrun run.)"""
 
 import os
-import textwrap
 import types
 
 import datasets
@@ -13,7 +12,6 @@ import pytest
 import train as train_cli
 from batching import TrainStepCollator
 from esci_dataset import LABELS, ESCIMultiClassRerankDataset, PromptEncoder, build_template, load_esci_parquet
-from tests.conftest import ROOT, run_torchrun
 from tokenized import CACHE_DIRNAME, tokenize_split
 
 # User text that must stay plain text: added tokens, a fake answer, and an item far longer than max_length.
@@ -125,50 +123,3 @@ def test_preprocessing_num_workers_must_be_positive(capsys):
         train_cli.main(["--base_model", "m", "--train_file", "t.parquet", "--output_dir", "o",
                         "--preprocessing_num_workers", "0"])
     assert info.value.code == 2 and "--preprocessing_num_workers must be at least 1" in capsys.readouterr().err
-
-
-# Runs train.py as torchrun would, recording each rank's map() (tokenization) and load_from_disk (cache load).
-TRAIN_RECORDING_DATASET_CALLS = textwrap.dedent("""
-    import os, sys
-    import datasets
-
-    sys.path.insert(0, {root!r})
-    marker = {marker!r}
-    original_map, original_load = datasets.Dataset.map, datasets.load_from_disk
-
-    def record(event):
-        with open(marker, "a") as f:
-            f.write(f"{{event}} rank{{os.environ['RANK']}}\\n")
-
-    def recording_map(self, *args, **kwargs):
-        record("map")
-        return original_map(self, *args, **kwargs)
-
-    def recording_load(*args, **kwargs):
-        record("load")
-        return original_load(*args, **kwargs)
-
-    datasets.Dataset.map, datasets.load_from_disk = recording_map, recording_load
-    import train
-
-    raise SystemExit(train.main())
-""")
-
-
-
-
-def test_torchrun_rank0_tokenizes_and_rank1_loads_its_cache(tiny_model_dir, demo_data, tmp_path):
-    marker, script, out = str(tmp_path / "calls.txt"), str(tmp_path / "train_recording.py"), str(tmp_path / "ddp")
-    with open(script, "w") as f:
-        f.write(TRAIN_RECORDING_DATASET_CALLS.format(root=ROOT, marker=marker))
-    proc = run_torchrun(script, "--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", out,
-                        "--max_length", "192", "--per_device_train_batch_size", "4", "--max_steps", "1",
-                        "--eval_ratio", "0", "--save_steps", "100", "--report_to", "none", "--dtype", "fp32")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    with open(marker) as f:
-        calls = sorted(f.read().split("\n")[:-1])
-    assert calls == ["load rank0", "load rank1", "map rank0"]  # rank 1 never tokenized
-    n_rows = len(pd.read_parquet(demo_data[0]))
-    assert f"tokenized {n_rows} train rows" in proc.stderr
-    assert len(_cache_folders(out)) == 1

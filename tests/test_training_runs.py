@@ -2,7 +2,9 @@
 
 import json
 import os
+import textwrap
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 import eval as eval_cli
 import train as train_cli
 from tests.conftest import ROOT, run_torchrun
+from tokenized import CACHE_DIRNAME
 
 SHORT = ["--max_length", "192", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
          "--eval_ratio", "0.1", "--logging_steps", "2", "--report_to", "none"]
@@ -93,17 +96,55 @@ def test_wandb_offline(tiny_model_dir, demo_data, tmp_path, monkeypatch):
 
 
 
+# train.py as torchrun runs it, recording each rank's map() (tokenization) and load_from_disk (cache load).
+TRAIN_RECORDING_DATASET_CALLS = textwrap.dedent("""
+    import os, sys
+    import datasets
+
+    sys.path.insert(0, {root!r})
+    marker = {marker!r}
+    original_map, original_load = datasets.Dataset.map, datasets.load_from_disk
+
+    def record(event):
+        with open(marker, "a") as f:
+            f.write(f"{{event}} rank{{os.environ['RANK']}}\\n")
+
+    def recording_map(self, *args, **kwargs):
+        record("map")
+        return original_map(self, *args, **kwargs)
+
+    def recording_load(*args, **kwargs):
+        record("load")
+        return original_load(*args, **kwargs)
+
+    datasets.Dataset.map, datasets.load_from_disk = recording_map, recording_load
+    import train
+
+    raise SystemExit(train.main())
+""")
+
+
 def test_torchrun_two_processes_train_like_one_process_with_the_combined_batch(tiny_model_dir, demo_data, tmp_path):
     """Each rank takes its shard of one random permutation and gradients are averaged across ranks: two ranks
-    x 4 pairs make the same SGD updates as one process x 8 pairs (micro-batch counts differ between ranks)."""
+    x 4 pairs make the same SGD updates as one process x 8 pairs (micro-batch counts differ between ranks).
+    The same run shows one tokenization per node: rank 0 tokenizes into the cache, rank 1 only loads it
+    (one torchrun run for both, as each costs ~30 s of the suite)."""
     sgd = ["--max_steps", "2", "--save_steps", "100", "--optim", "sgd", "--learning_rate", "0.5", "--warmup_ratio", "0",
            "--lr_scheduler_type", "constant", "--lora_dropout", "0", "--eval_ratio", "0", "--dtype", "fp32"]
     ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
-    proc = run_torchrun(os.path.join(ROOT, "train.py"),
-                        *_args(tiny_model_dir, demo_data[0], ddp, *sgd, "--per_device_train_batch_size", "4"))
+    marker, script = str(tmp_path / "calls.txt"), str(tmp_path / "train_recording.py")
+    with open(script, "w") as f:
+        f.write(TRAIN_RECORDING_DATASET_CALLS.format(root=ROOT, marker=marker))
+    proc = run_torchrun(script, *_args(tiny_model_dir, demo_data[0], ddp, *sgd, "--per_device_train_batch_size", "4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(ddp, "run_config.json")) as f:
         assert json.load(f)["world_size"] == 2
+
+    with open(marker) as f:
+        assert sorted(f.read().split("\n")[:-1]) == ["load rank0", "load rank1", "map rank0"]  # rank 1 never tokenized
+    assert f"tokenized {len(pd.read_parquet(demo_data[0]))} train rows" in proc.stderr
+    assert len(os.listdir(os.path.join(ddp, CACHE_DIRNAME))) == 1
+
     assert train_cli.main(_args(tiny_model_dir, demo_data[0], single, *sgd, "--per_device_train_batch_size", "8")) == 0
     two_ranks, one_process = _lora_b(ddp), _lora_b(single)
     assert any(v.abs().sum() > 0 for v in one_process.values())

@@ -61,15 +61,20 @@ def roc_points(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.
     return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
 
 
+# Held-out metrics train.py logs at each evaluation (training.held_out_metrics), all in [0, 1].
+HELD_OUT_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_ndcg")
+
+
 def training_series(log_history: Sequence[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{key: (steps, values)}`` for ``loss`` (training) and ``eval_loss``/``eval_accuracy``/``eval_macro_f1``.
+    """``{key: (steps, values)}`` for ``loss`` (training) and ``eval_loss`` / ``eval_accuracy`` / ``eval_macro_f1`` /
+    ``eval_ndcg``.
 
     Reads a HF Trainer ``state.log_history``. The end-of-run summary carries
     ``train_loss`` rather than ``loss``, so it is skipped by construction; entries
     without a step or with a non-finite value are skipped too. Keys with no points are left out.
     """
     series = {}
-    for key in ("loss", "eval_loss", "eval_accuracy", "eval_macro_f1"):
+    for key in ("loss", "eval_loss", *HELD_OUT_METRICS):
         points = [(entry["step"], entry[key]) for entry in log_history
                   if "step" in entry and isinstance(entry.get(key), numbers.Real) and np.isfinite(entry[key])]
         if points:
@@ -202,7 +207,7 @@ def plot_eval(y_true: np.ndarray, probs: np.ndarray, out_dir: str, prefix: str =
 
 
 def plot_training(log_history: Sequence[dict], out_path: str) -> str | None:
-    """Training loss, and held-out loss / accuracy / macro-F1, over steps, as one PNG at ``out_path``.
+    """Training loss, and held-out loss / accuracy / macro-F1 / nDCG, over steps, as one PNG at ``out_path``.
 
     ``log_history`` is a HF Trainer ``state.log_history``. Returns ``out_path``, or
     None (nothing written) when it holds no loss or eval metric to plot.
@@ -210,19 +215,20 @@ def plot_training(log_history: Sequence[dict], out_path: str) -> str | None:
     series = training_series(log_history)
     if not series:
         return None
-    metric_keys = [key for key in ("eval_accuracy", "eval_macro_f1") if key in series]
+    metric_keys = [key for key in HELD_OUT_METRICS if key in series]
     has_loss = "loss" in series or "eval_loss" in series
     n_panels = int(has_loss) + int(bool(metric_keys))
     fig = Figure(figsize=(PANEL[0] * n_panels, PANEL[1]), layout="constrained")
     axes = list(np.atleast_1d(fig.subplots(1, n_panels)))
     style = {"loss": ("training loss", "tab:blue", None), "eval_loss": ("held-out loss", "tab:red", "o"),
              "eval_accuracy": ("held-out accuracy", "tab:green", "o"),
-             "eval_macro_f1": ("held-out macro-F1", "tab:purple", "o")}
+             "eval_macro_f1": ("held-out macro-F1", "tab:purple", "o"),
+             "eval_ndcg": ("held-out nDCG (ESCI task 1)", "tab:orange", "o")}
     panels = []
     if has_loss:
         panels.append(([k for k in ("loss", "eval_loss") if k in series], "cross-entropy", "loss"))
     if metric_keys:
-        panels.append((metric_keys, "held-out metric", "held-out accuracy / macro-F1"))
+        panels.append((metric_keys, "held-out metric", "held-out accuracy / macro-F1 / nDCG"))
     for ax, (keys, ylabel, title) in zip(axes, panels):
         for key in keys:
             label, color, marker = style[key]

@@ -31,6 +31,7 @@ from esci_dataset import (
     build_template,
     label_token_ids,
     load_esci_parquet,
+    query_groups,
     split_by_query,
 )
 from modeling import (
@@ -48,8 +49,8 @@ from training import (
     LabelHeadTrainer,
     SaveRunContract,
     check_packed_steps,
-    compute_metrics,
     fit_held_out_temperature,
+    held_out_metrics,
     non_finite_parameters,
     report_to_problem,
     save_run_contract,
@@ -280,8 +281,9 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
     write_json(os.path.join(output_dir, "train_metrics.json"), {**metrics, "log_history": trainer.state.log_history})
     if "eval" in metrics:
         e = metrics["eval"]
-        logger.info("held-out eval: accuracy %.4f (majority %.4f), macro-F1 %.4f",
-                    e["eval_accuracy"], e["eval_majority_accuracy"], e["eval_macro_f1"])
+        logger.info("held-out eval: accuracy %.4f (majority %.4f), macro-F1 %.4f, nDCG %s (ESCI task 1, raw logits)",
+                    e["eval_accuracy"], e["eval_majority_accuracy"], e["eval_macro_f1"],
+                    f"{e['eval_ndcg']:.4f}" if "eval_ndcg" in e else "n/a (no held-out query has a relevant item)")
     if "calibration" in metrics:
         c = metrics["calibration"]
         logger.info("temperature T=%.4f fitted on %d held-out pairs: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Trainer: random steps, laid out by the step collator; the contract in every checkpoint
     collator, prefix_ids = step_collator(model, tokenizer, encoder, args, targs.n_gpu)
     trainer = LabelHeadTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
-                               data_collator=collator, compute_metrics=compute_metrics, processing_class=tokenizer,
+                               data_collator=collator, processing_class=tokenizer,
+                               compute_metrics=held_out_metrics(query_groups(eval_df)) if eval_ds else None,
                                callbacks=[SaveRunContract(tokenizer, encoder, run_config)], prefix_ids=prefix_ids)
     check_packed_steps(trainer, train_ds, args.max_micro_batches)  # packed layout vs plain prompts, on the device
 

@@ -10,19 +10,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
 from batching import TrainStepCollator, step_logits
 from checkpoints import RUN_CONFIG_NAME
 from cli_utils import write_json, write_text
 from esci_dataset import PromptEncoder
 from calibration import calibration_before_after, fit_temperature, softmax
-from metrics import classification_metrics, majority_baseline
-from modeling import non_finite_names, save_reranker_config
+from metrics import classification_metrics, majority_baseline, task1_ranking_ndcg
+from modeling import non_finite_names, save_reranker_config, scores_from_probs
 from varlen import choose_packed_attention
 
 logger = logging.getLogger(__name__)
@@ -33,11 +34,27 @@ def label_head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def compute_metrics(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    metrics = classification_metrics(labels, np.asarray(logits).argmax(axis=-1))
-    metrics["majority_accuracy"] = majority_baseline(labels)["accuracy"]
-    return metrics
+def held_out_metrics(groups) -> Callable[[EvalPrediction], dict[str, float]]:
+    """The Trainer's ``compute_metrics`` for the held-out split: accuracy and F1 beside the majority class, and
+    ``ndcg``, ESCI task 1 (mean per-query nDCG of the ranking score, as eval.py reports it) from the raw logits.
+
+    ``groups``: the split's query keys in dataset order, which is the order the Trainer's eval loop returns
+    (sequential sampler; under torchrun it gathers the ranks' shards back into that order).
+    """
+    groups = np.asarray(groups)
+
+    def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+        logits, labels = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids)
+        if len(labels) != len(groups):
+            raise RuntimeError(f"held-out predictions for {len(labels)} pairs, but the split has {len(groups)}")
+        metrics = classification_metrics(labels, logits.argmax(axis=-1))
+        metrics["majority_accuracy"] = majority_baseline(labels)["accuracy"]
+        ndcg = task1_ranking_ndcg(groups, labels, scores_from_probs(softmax(logits)))
+        if ndcg is not None:  # None when no held-out query has a relevant item
+            metrics["ndcg"] = ndcg
+        return metrics
+
+    return compute_metrics
 
 
 class LabelHeadTrainer(Trainer):

@@ -8,7 +8,7 @@ import pytest
 
 import eval as eval_cli
 import train as train_cli
-from esci_dataset import LABELS
+from esci_dataset import LABELS, load_esci_parquet, split_by_query
 
 DEMO_TRAIN_ARGS = [  # the recipe scripts/run_demo.sh uses: a random tiny model, LoRA on every linear layer
     "--max_length", "256", "--per_device_train_batch_size", "16", "--num_train_epochs", "1",
@@ -50,7 +50,25 @@ def test_output_dir_holds_adapter_tokenizer_contract_and_metrics(trained):
     assert all(any(t.endswith(proj) for t in targets) for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
     with open(os.path.join(trained, "train_metrics.json")) as f:
         metrics = json.load(f)
-    assert {"eval_accuracy", "eval_macro_f1", "eval_majority_accuracy"} <= set(metrics["eval"])
+    assert {"eval_accuracy", "eval_macro_f1", "eval_majority_accuracy", "eval_ndcg"} <= set(metrics["eval"])
+
+
+def test_held_out_ndcg_is_what_eval_py_reports_on_the_held_out_queries(trained, tiny_model_dir, demo_data, tmp_path):
+    """train.py's held-out nDCG (raw logits, the Trainer's eval loop) is eval.py's ESCI task 1 on the same rows."""
+    _, held_out = split_by_query(load_esci_parquet(demo_data[0]), 0.1, 42)  # train.py's split: --eval_ratio 0.1, seed 42
+    held_out_file = str(tmp_path / "held_out.parquet")
+    held_out.to_parquet(held_out_file, index=False)
+    metrics_path = str(tmp_path / "held_out_metrics.json")
+    assert eval_cli.main(["--base_model", tiny_model_dir, "--lora_model", trained, "--dtype", "fp32", "--no_temperature",
+                          "--eval_file", held_out_file, "--max_length", "256", "--metrics_path", metrics_path,
+                          "--no_plots"]) == 0
+    with open(metrics_path) as f:
+        report = json.load(f)
+    with open(os.path.join(trained, "train_metrics.json")) as f:
+        held_out_eval = json.load(f)["eval"]
+    assert report["n"] == len(held_out) and held_out["query_id"].nunique() > 1
+    assert held_out_eval["eval_ndcg"] == pytest.approx(report["esci_tasks"]["task1_ranking_ndcg"], abs=1e-6)
+    assert held_out_eval["eval_accuracy"] == pytest.approx(report["accuracy"], abs=1e-9)
 
 
 def test_calibrate_fits_a_temperature_on_the_held_out_logits_and_stores_it(trained):

@@ -251,3 +251,25 @@ def test_format_report_says_which_adapter():
     assert "zero-shot (no adapter loaded)" in format_report({**report, "config": {"lora_model": None}})
     assert "model: adapter out/a" in format_report({**report, "config": {"lora_model": "out/a"}})
     assert "model: adapter out/b" in format_report({**report, "adapter": "out/b", "config": {"lora_model": "out/a"}})
+
+
+def test_held_out_metrics_rank_each_query_by_the_score_of_its_logits():
+    """train.py's periodic eval: accuracy beside the majority class, and ESCI task 1 nDCG per held-out query."""
+    from transformers import EvalPrediction
+
+    from training import held_out_metrics
+
+    groups = np.array([7, 7, 9, 9, 11])
+    labels = np.array([E, I, S, C, I])
+    logits = np.array([[0.0, 0.0, 0.0, 3.0],   # query 7: its E item looks irrelevant,
+                       [3.0, 0.0, 0.0, 0.0],   #          its I item looks exact: E ends up at rank 2
+                       [0.0, 3.0, 0.0, 0.0],   # query 9: S above C, the ideal order
+                       [0.0, 0.0, 3.0, 0.0],
+                       [0.0, 0.0, 0.0, 3.0]])  # query 11: no relevant item, so no nDCG
+    metrics = held_out_metrics(groups)(EvalPrediction(predictions=logits, label_ids=labels))
+    assert metrics["ndcg"] == pytest.approx((1.0 / np.log2(3) + 1.0) / 2)
+    assert metrics["accuracy"] == pytest.approx(3 / 5) and metrics["majority_accuracy"] == pytest.approx(2 / 5)
+    no_gain = held_out_metrics(groups[[4]])(EvalPrediction(predictions=logits[[4]], label_ids=labels[[4]]))
+    assert "ndcg" not in no_gain  # undefined, not a made-up 0 or 1
+    with pytest.raises(RuntimeError, match="for 4 pairs, but the split has 5"):
+        held_out_metrics(groups)(EvalPrediction(predictions=logits[:4], label_ids=labels[:4]))

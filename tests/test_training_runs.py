@@ -8,11 +8,13 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 import eval as eval_cli
 import train as train_cli
 from tests.conftest import ROOT, run_torchrun
 from tokenized import CACHE_DIRNAME
+from training import LabelHeadTrainer
 
 SHORT = ["--max_length", "192", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
          "--eval_ratio", "0.1", "--logging_steps", "2", "--report_to", "none"]
@@ -52,11 +54,21 @@ def test_resume_after_interruption_finishes_like_an_uninterrupted_run(tiny_model
     with pytest.raises(KeyboardInterrupt):
         train_cli.main(_args(tiny_model_dir, demo_data[0], crashed, "--max_steps", "8", "--save_steps", "4"))
     monkeypatch.setattr(Trainer, "_save_checkpoint", original)
-    assert os.listdir(crashed) == ["checkpoint-4"] or "adapter_model.safetensors" not in os.listdir(crashed)
+    left = os.listdir(crashed)
+    assert "checkpoint-4" in left and "checkpoint-8" not in left and "adapter_model.safetensors" not in left
 
+    steps_run = []
+    original_step = LabelHeadTrainer.training_step
+
+    def counted_step(self, *a, **kw):
+        steps_run.append(self.state.global_step)
+        return original_step(self, *a, **kw)
+
+    monkeypatch.setattr(LabelHeadTrainer, "training_step", counted_step)
     rc = train_cli.main(_args(tiny_model_dir, demo_data[0], crashed, "--max_steps", "8", "--save_steps", "4",
                               "--resume_from_checkpoint", "latest"))
     assert rc == 0
+    assert steps_run == [4, 5, 6, 7]  # it went on from checkpoint-4; a fresh run of 8 steps would end alike
     with open(os.path.join(crashed, "checkpoint-8", "trainer_state.json")) as f:
         assert json.load(f)["global_step"] == 8
     resumed, reference = _lora_b(crashed), _lora_b(full)
@@ -70,12 +82,31 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(tiny_model_dir, demo_
     assert rc == 2 and "no checkpoint-* folder" in capsys.readouterr().err
 
 
-def test_gradient_checkpointing_trains_lora(tiny_model_dir, demo_data, tmp_path):
-    out = str(tmp_path / "gc")
-    assert train_cli.main(_args(tiny_model_dir, demo_data[0], out, "--max_steps", "4", "--save_steps", "100",
-                                "--gradient_checkpointing")) == 0
-    lora_b = _lora_b(out)
-    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: it moved
+def test_gradient_checkpointing_recomputes_layers_and_trains_like_a_plain_run(tiny_model_dir, demo_data, tmp_path,
+                                                                               monkeypatch):
+    """--gradient_checkpointing runs every decoder layer under non-reentrant checkpointing (which also turns the
+    prefix reuse off) and makes the same updates as a run without it."""
+    import torch.utils.checkpoint as torch_checkpoint
+
+    calls, original = [], torch_checkpoint._checkpoint_without_reentrant_generator
+
+    def counted(*a, **kw):  # the non-reentrant implementation behind torch.utils.checkpoint.checkpoint
+        calls.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(torch_checkpoint, "_checkpoint_without_reentrant_generator", counted)
+    same = ["--max_steps", "4", "--save_steps", "100", "--lora_dropout", "0", "--dtype", "fp32"]
+    out, plain = str(tmp_path / "gc"), str(tmp_path / "plain")
+    assert train_cli.main(_args(tiny_model_dir, demo_data[0], out, *same, "--gradient_checkpointing")) == 0
+    n_layers = AutoConfig.from_pretrained(tiny_model_dir).num_hidden_layers
+    assert len(calls) >= 4 * n_layers  # every layer of every training step (the held-out eval runs without)
+    calls.clear()
+    assert train_cli.main(_args(tiny_model_dir, demo_data[0], plain, *same)) == 0
+    assert calls == []
+    checkpointed, reference = _lora_b(out), _lora_b(plain)
+    assert checkpointed.keys() == reference.keys() and any(v.abs().sum() > 0 for v in reference.values())
+    for key in reference:
+        torch.testing.assert_close(checkpointed[key], reference[key], atol=1e-5, rtol=1e-4)
     with open(os.path.join(out, "README.md")) as f:  # our card, not peft's placeholder
         card = f.read()
     assert "More Information Needed" not in card and "score = (3·P(E)" in card

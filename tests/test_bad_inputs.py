@@ -244,10 +244,6 @@ def test_bad_input_is_exit_2_with_a_message_naming_it(name, tmp_path, capsys, mo
         assert word.format(**paths) in last, (word, last)
 
 
-def test_every_cli_in_the_catalogue_has_a_common_prefix():
-    assert {case.cli for case in CASES.values()} <= set(COMMON)
-
-
 # ---------------------------------------------------------------------------
 # cli_utils
 # ---------------------------------------------------------------------------

@@ -16,6 +16,9 @@ import pandas as pd
 import pytest
 
 import eval as eval_cli
+from calibration import brier_score, expected_calibration_error, nll
+from esci_dataset import LABEL_TO_ID
+from metrics import task3_substitute_micro_f1
 from modeling import LABEL_CONFIG_NAME
 from reranker import PROB_COLUMNS, probs_from_logits, stored_temperature
 
@@ -89,8 +92,12 @@ def test_report_has_the_three_esci_tasks_calibration_and_worst_queries(setup, ca
     tasks = report["esci_tasks"]
     assert tasks["task1_ranking_ndcg"] == report["ndcg"] is not None  # query ids reached the report
     assert tasks["task2_esci_micro_f1"] == report["micro_f1"] and tasks["task2_esci_macro_f1"] == report["macro_f1"]
-    assert 0 <= tasks["task3_substitute_micro_f1"] <= 1
-    assert 0 < report["ece"] < 1 and 0 < report["brier"] < 2 and report["nll"] > 0
+    # The other numbers are metrics.py's and calibration.py's (tested there) on these rows' logits.
+    probs = probs_from_logits(np.array([r[4] for r in ROWS], dtype=np.float32))
+    y_true = np.array([LABEL_TO_ID[r[3]] for r in ROWS])
+    assert tasks["task3_substitute_micro_f1"] == pytest.approx(task3_substitute_micro_f1(y_true, probs.argmax(1)))
+    assert report["ece"] == pytest.approx(expected_calibration_error(probs, y_true))
+    assert report["brier"] == pytest.approx(brier_score(probs, y_true)) and report["nll"] == pytest.approx(nll(probs, y_true))
     worst = report["worst_queries"][0]
     assert worst["query_id"] == 2 and worst["query"] == "camping tent" and worst["labels"] == {"E": 1, "S": 1, "C": 1, "I": 1}
     assert [q["ndcg"] for q in report["worst_queries"]] == sorted(q["ndcg"] for q in report["worst_queries"])

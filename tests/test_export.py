@@ -299,7 +299,7 @@ def test_help_lists_every_flag(capsys):
 
 
 
-def test_readme_seq_cls_snippet_runs_on_a_bf16_export(tiny_model_dir, adapter_dir, tmp_path):
+def test_readme_seq_cls_snippet_runs_on_a_bf16_export(tiny_model_dir, adapter_dir, rr, tmp_path):
     """The README's plain-transformers snippet, as written, on the --bf16 seq_cls export the README makes."""
     import re
     import subprocess
@@ -318,4 +318,6 @@ def test_readme_seq_cls_snippet_runs_on_a_bf16_export(tiny_model_dir, adapter_di
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    items = re.search(r"items = (\[.*?\])", snippet).group(1)
+    expected = [p["score"] for p in rr.predict([("usb c charger", item) for item in json.loads(items)])]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=2e-2)  # the adapter's scores, in bf16

@@ -8,16 +8,12 @@ each and training falls back to the majority class; random steps do not.
 import json
 import os
 
-import numpy as np
 import pytest
-import torch
 
 import demo
 import train as train_cli
-from batching import collate_left_padded
-from esci_dataset import LABEL_TO_ID, PromptEncoder, label_token_ids
-from modeling import apply_lora, attach_label_head, label_logits, load_base_model, load_tokenizer
-from reranker import load_reranker, score_token_ids
+from reranker import load_reranker
+from tests.reference_loop import held_out_accuracy, reference_loop
 
 STEPS, BATCH, LR, TARGETS, MAX_LEN, SEED = 40, 16, 3e-3, "all-linear", 256, 0
 
@@ -32,35 +28,6 @@ def parity_data(tmp_path_factory):
     return path, train_df, test_df
 
 
-def reference_loop(model_dir, train_df):
-    """The plainest correct training: random batches of full padded prompts, AdamW, linear decay, no tricks."""
-    torch.manual_seed(SEED)
-    tokenizer = load_tokenizer(model_dir)
-    model = apply_lora(attach_label_head(load_base_model(model_dir), label_token_ids(tokenizer)),
-                       r=16, alpha=32, dropout=0.0, target_modules=TARGETS)
-    ids = PromptEncoder(tokenizer, MAX_LEN).encode_batch(train_df["query"].tolist(), train_df["item_text"].tolist())
-    labels = train_df["esci_label"].map(LABEL_TO_ID).to_numpy()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / STEPS)
-    order = np.random.default_rng(SEED).permutation(len(ids))
-    model.train()
-    for step in range(STEPS):
-        idx = order[step * BATCH:(step + 1) * BATCH]
-        batch = collate_left_padded([{"input_ids": ids[i], "labels": int(labels[i])} for i in idx], tokenizer.pad_token_id)
-        torch.nn.functional.cross_entropy(label_logits(model, batch), batch["labels"]).backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    return model.eval(), tokenizer
-
-
-def held_out_accuracy(model, tokenizer, test_df) -> tuple[float, list[float]]:
-    ids = PromptEncoder(tokenizer, MAX_LEN).encode_batch(test_df["query"].tolist(), test_df["item_text"].tolist())
-    pred = score_token_ids(model, ids, tokenizer.pad_token_id).argmax(axis=1)
-    true = test_df["esci_label"].map(LABEL_TO_ID).to_numpy()
-    return float((pred == true).mean()), [float((pred[true == c] == c).mean()) for c in range(4)]
-
-
 def train_cli_accuracy(model_dir, parity_data, out, *extra):
     path, _, test_df = parity_data
     rc = train_cli.main(["--base_model", model_dir, "--train_file", path, "--output_dir", out, "--max_length", str(MAX_LEN),
@@ -68,12 +35,14 @@ def train_cli_accuracy(model_dir, parity_data, out, *extra):
                          "--warmup_ratio", "0", "--lora_target_modules", TARGETS, "--lora_dropout", "0",
                          "--eval_ratio", "0", "--save_steps", "100000", "--seed", str(SEED), "--dtype", "fp32", *extra])
     assert rc == 0
-    return held_out_accuracy(*load_reranker(model_dir, out), test_df)
+    return held_out_accuracy(*load_reranker(model_dir, out), test_df, MAX_LEN)
 
 
 @pytest.fixture(scope="module")
 def reference_accuracy(tiny_model_dir, parity_data):
-    return held_out_accuracy(*reference_loop(tiny_model_dir, parity_data[1]), parity_data[2])
+    model, tokenizer = reference_loop(tiny_model_dir, parity_data[1], steps=STEPS, batch=BATCH, lr=LR, targets=TARGETS,
+                                      max_len=MAX_LEN, seed=SEED)
+    return held_out_accuracy(model, tokenizer, parity_data[2], MAX_LEN)
 
 
 def test_length_predicts_the_label_in_this_data(parity_data):

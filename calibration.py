@@ -73,11 +73,22 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     Fit on held-out rows, not the rows you then report on, or the "after" numbers flatter.
     """
     logits = np.asarray(logits, dtype=float)
-    # Search log T: T stays positive and the NLL is better conditioned. T in [0.01, 100] is ample.
+    # Search log T: T stays positive and the NLL is better conditioned. T in TEMPERATURE_RANGE is ample.
     # The NLL is convex in 1/T, so it has one minimum over log T and a golden-section search finds it.
     log_t = _golden_section_minimum(lambda log_t: nll(softmax(logits, np.exp(log_t)), y_true),
-                                    np.log(0.01), np.log(100.0), tol=1e-6)
+                                    *np.log(TEMPERATURE_RANGE), tol=1e-6)
     return float(np.exp(log_t))
+
+
+TEMPERATURE_RANGE = (0.01, 100.0)  # where fit_temperature searches
+
+
+def at_search_bound(temperature: float) -> bool:
+    """Whether a fitted T sits on an end of :data:`TEMPERATURE_RANGE` (within 1%): the NLL kept falling
+    out of the range, so the data support no finite T. That happens when every row is classified
+    correctly (T -> 0 sharpens them all) or the logits carry no signal (T -> infinity)."""
+    low, high = TEMPERATURE_RANGE
+    return temperature <= low * 1.01 or temperature >= high / 1.01
 
 
 _INV_PHI = (np.sqrt(5.0) - 1.0) / 2.0

@@ -284,11 +284,13 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
         logger.info("held-out eval: accuracy %.4f (majority %.4f), macro-F1 %.4f, nDCG %s (ESCI task 1, raw logits)",
                     e["eval_accuracy"], e["eval_majority_accuracy"], e["eval_macro_f1"],
                     f"{e['eval_ndcg']:.4f}" if "eval_ndcg" in e else "n/a (no held-out query has a relevant item)")
-    if "calibration" in metrics:
-        c = metrics["calibration"]
+    c = metrics.get("calibration", {})
+    if c.get("temperature") is not None:
         logger.info("temperature T=%.4f fitted on %d held-out pairs: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
                     "(stored in reranker_config.json)", c["temperature"], c["n"], c["nll_before"], c["nll_after"],
                     c["ece_before"], c["ece_after"])
+    elif c:
+        logger.warning("no temperature stored: %s. Scoring will use the raw logits.", c["not_stored"])
     from plots import plot_training  # matplotlib loads only here, after training
 
     curves = plot_training(trainer.state.log_history, os.path.join(output_dir, "train_curves.png"))

@@ -21,7 +21,7 @@ from batching import TrainStepCollator, step_logits
 from checkpoints import RUN_CONFIG_NAME
 from cli_utils import write_json, write_text
 from esci_dataset import PromptEncoder
-from calibration import calibration_before_after, fit_temperature, softmax
+from calibration import at_search_bound, calibration_before_after, fit_temperature, softmax
 from metrics import classification_metrics, majority_baseline, task1_ranking_ndcg
 from modeling import non_finite_names, save_reranker_config, scores_from_probs
 from varlen import choose_packed_attention
@@ -113,11 +113,31 @@ def write_model_card(folder: str, run_config: dict) -> None:
     write_text(os.path.join(folder, "README.md"), card)
 
 
+MIN_CALIBRATION_PAIRS = 100  # below this a fitted T is noise: 2 held-out pairs once gave T=0.01 and 8x the test NLL
+
+
 def fit_held_out_temperature(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """One temperature for the held-out label logits ``[N, 4]``: ``{temperature, n, ece/brier/nll _before/_after}``."""
+    """One temperature for the held-out label logits ``[N, 4]``:
+    ``{temperature, n, ece/brier/nll _before/_after}``, where ``temperature`` is what to store.
+
+    It is None, with ``not_stored`` saying why, when the held-out split has fewer than
+    :data:`MIN_CALIBRATION_PAIRS` pairs or the fit ends on a bound of the search range
+    (``fitted_temperature`` keeps that value): storing either would make every later score
+    over- or under-confident on the strength of a handful of rows.
+    """
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-    temperature = fit_temperature(logits, labels)
-    return {"n": int(len(labels)), **calibration_before_after(softmax(logits), labels, temperature)}
+    n = int(len(labels))
+    if n < MIN_CALIBRATION_PAIRS:
+        return {"n": n, "temperature": None,
+                "not_stored": f"only {n} held-out pairs, and a temperature needs at least {MIN_CALIBRATION_PAIRS} "
+                              "(raise --eval_ratio)"}
+    fitted = fit_temperature(logits, labels)
+    result = {"n": n, **calibration_before_after(softmax(logits), labels, fitted)}
+    if at_search_bound(fitted):
+        result.update(temperature=None, fitted_temperature=fitted, not_stored=(
+            f"the held-out NLL kept falling to T={fitted:.4g}, the end of the search range: the held-out pairs "
+            "support no finite temperature (they are nearly all classified correctly, or carry no signal)"))
+    return result
 
 
 def non_finite_parameters(model) -> tuple[list[str], int]:

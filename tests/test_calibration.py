@@ -14,8 +14,8 @@ import eval as eval_cli
 import export as export_cli
 import predict as predict_cli
 import training
-from esci_dataset import LABEL_TO_ID, ESCIDataError
-from calibration import nll, softmax
+from esci_dataset import ESCIDataError
+from calibration import TEMPERATURE_RANGE, nll, softmax
 from modeling import LABEL_CONFIG_NAME, temperature_from_config
 from reranker import PROB_COLUMNS, Reranker, probs_from_logits
 
@@ -63,17 +63,55 @@ def reference(rr, pairs):
 # ---------------------------------------------------------------------------
 # Fitting and storing
 # ---------------------------------------------------------------------------
-def test_fitted_temperature_lowers_the_nll_of_pairs_it_was_not_fitted_on(tiny_model_dir, adapter_dir, demo_data):
-    df = pd.read_parquet(demo_data[1]).head(160)  # 20 queries of 8 items
-    rr = Reranker.from_pretrained(tiny_model_dir, adapter_dir, device="cpu", dtype="fp32", max_length=MAX_LENGTH)
-    logits = rr.predict_logits(df["query"].tolist(), df["item_text"].tolist())
-    y = df["esci_label"].map(LABEL_TO_ID).to_numpy()
-    fit, held_out = slice(0, 80), slice(80, 160)  # disjoint queries
-    fitted = training.fit_held_out_temperature(logits[fit], y[fit])  # what train.py --calibrate runs
-    assert fitted["nll_after"] < fitted["nll_before"] and fitted["n"] == 80
+def test_fitted_temperature_lowers_the_nll_of_pairs_it_was_not_fitted_on():
+    """What train.py --calibrate runs, on logits that carry signal but are over-confident (a trained model's are
+    checked end to end in test_end_to_end.py; the random test adapter's carry none)."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 400)
+    logits = (rng.normal(size=(400, 4)) + 1.5 * np.eye(4)[y]) * 3.0
+    fit, held_out = slice(0, 200), slice(200, 400)
+    fitted = training.fit_held_out_temperature(logits[fit], y[fit])
+    assert fitted["nll_after"] < fitted["nll_before"] and fitted["n"] == 200 and "not_stored" not in fitted
     t = fitted["temperature"]
-    assert abs(t - 1.0) > 0.05, t  # the random adapter is mis-calibrated: there is something to fix
+    assert t > 1.5, t  # over-confident logits are softened
     assert nll(softmax(logits[held_out], t), y[held_out]) < nll(softmax(logits[held_out]), y[held_out])
+
+
+def test_no_temperature_is_stored_from_too_few_pairs_or_from_a_fit_that_ran_off_the_search_range():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    over_confident = (rng.normal(size=(200, 4)) + np.eye(4)[y]) * 4.0  # right ~60% of the time, sure every time
+    fitted = training.fit_held_out_temperature(over_confident, y)
+    assert fitted["temperature"] > 1.0 and "not_stored" not in fitted and fitted["nll_after"] < fitted["nll_before"]
+
+    few = training.MIN_CALIBRATION_PAIRS - 1
+    too_few = training.fit_held_out_temperature(over_confident[:few], y[:few])
+    assert too_few["temperature"] is None and f"only {few} held-out pairs" in too_few["not_stored"]
+
+    # Every pair right with a margin: the NLL falls all the way to T -> 0, the bottom of the range.
+    separable = training.fit_held_out_temperature(np.eye(4)[y] * 5.0, y)
+    assert separable["temperature"] is None and "end of the search range" in separable["not_stored"]
+    assert separable["fitted_temperature"] == pytest.approx(TEMPERATURE_RANGE[0], rel=0.01)
+    # The true class always scored lowest: the NLL falls toward uniform probabilities, T -> the top.
+    backwards = training.fit_held_out_temperature(-np.eye(4)[y] * 2.0, y)
+    assert backwards["temperature"] is None
+    assert backwards["fitted_temperature"] == pytest.approx(TEMPERATURE_RANGE[1], rel=0.01)
+
+
+def test_train_py_stores_no_temperature_from_a_tiny_held_out_split_and_says_why(tiny_model_dir, demo_data, tmp_path,
+                                                                              caplog):
+    import train as train_cli
+
+    out = str(tmp_path / "lora")
+    assert train_cli.main(["--base_model", tiny_model_dir, "--train_file", demo_data[0], "--output_dir", out,
+                           "--max_length", "192", "--max_steps", "1", "--eval_ratio", "0.01", "--save_steps", "100",
+                           "--per_device_train_batch_size", "4", "--report_to", "none", "--dtype", "fp32"]) == 0
+    with open(os.path.join(out, LABEL_CONFIG_NAME)) as f:
+        assert json.load(f)["temperature"] is None  # scoring will use the raw logits
+    with open(os.path.join(out, "train_metrics.json")) as f:
+        calibration = json.load(f)["calibration"]
+    assert calibration["temperature"] is None and calibration["n"] < training.MIN_CALIBRATION_PAIRS
+    assert "no temperature stored: only" in caplog.text and "raise --eval_ratio" in caplog.text
 
 
 def test_stored_temperature_is_read_and_a_bad_one_is_refused():

@@ -41,13 +41,13 @@ from bench_reference import (
     reference_eval,
     synthetic_pairs,
 )
-from cli_utils import positive_int, write_json
+from cli_utils import ArgumentParser, positive_int, write_json
 from esci_dataset import LABELS, PromptEncoder, label_token_ids
 from modeling import apply_lora, attach_label_head, detach_label_head, resolve_dtype
 from reranker import Reranker
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=str, default="tiny", help="'tiny', 'qwen3-0.6b' (real shape, random init) or a model folder")
     p.add_argument("--n_queries", type=positive_int, default=None, help="synthetic queries (default: 8 for tiny, 4 otherwise)")
     p.add_argument("--items_per_query", type=positive_int, default=12, help="candidate items per query (ESCI has ~10-20)")

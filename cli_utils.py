@@ -45,6 +45,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-paragraph error: ``prog: error: <message>`` and a pointer to ``--help``, exit code 2.
+
+    argparse's own error prints the whole usage block first (23 lines for train.py) above the one line
+    that says what is wrong; ``--help`` is one flag away when the usage is wanted.
+    """
+
+    def error(self, message: str):
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (python {self.prog} --help lists every flag)\n")
+
+
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------

@@ -155,9 +155,9 @@ def write_demo_data(data_dir: str, n_train_queries: int = 240, n_test_queries: i
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from cli_utils import positive_int
+    from cli_utils import ArgumentParser, positive_int
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=str, default="demo_out", help="where to write tiny-qwen3/ and data/")
     parser.add_argument("--n_train_queries", type=positive_int, default=240, help="synthetic training queries (8 items each)")
     parser.add_argument("--n_test_queries", type=positive_int, default=40, help="synthetic test queries (8 items each)")

@@ -35,6 +35,7 @@ import pandas as pd
 
 import sharding
 from cli_utils import (
+    ArgumentParser,
     HelpFormatter,
     add_inference_args,
     check_output_file,
@@ -64,7 +65,7 @@ SCORE_COLUMNS = ("true_label", *OUTPUT_COLUMNS)  # what --save_scores_path adds 
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add_inference_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--eval_file", type=str, required=True, help="parquet with query, item_text, esci_label (query_id optional, used for nDCG)")

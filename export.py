@@ -39,7 +39,7 @@ import uuid
 
 import torch
 
-from cli_utils import HelpFormatter, check_output_dir, cli_error, write_json
+from cli_utils import ArgumentParser, HelpFormatter, check_output_dir, cli_error, write_json
 from esci_dataset import SCORE_WEIGHTS, LABELS, PROMPT_VERSION, ESCIDataError, PromptTemplate, label_words
 from modeling import LABEL_CONFIG_NAME, detach_label_head, read_reranker_config, reranker_config
 from reranker import check_model_paths, load_reranker, stored_temperature, stored_template
@@ -51,7 +51,7 @@ FORMATS = ("merged", "seq_cls")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--base_model", type=str, required=True, help="the base causal LM the adapter was trained on (folder or hub id)")
     p.add_argument("--lora_model", type=str, required=True, help="LoRA adapter folder written by train.py")
     p.add_argument("--output_dir", type=str, required=True, help="folder to create for the exported model")

@@ -42,6 +42,7 @@ import pyarrow as pa
 
 import sharding
 from cli_utils import (
+    ArgumentParser,
     HelpFormatter,
     add_inference_args,
     check_output_file,
@@ -68,7 +69,7 @@ _SHOW = 5  # bad lines quoted in an error message
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add_inference_args(p)
 
     g = p.add_argument_group("input and output")

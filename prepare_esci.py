@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from cli_utils import HelpFormatter, check_output_dir, cli_error, write_json
+from cli_utils import ArgumentParser, HelpFormatter, check_output_dir, cli_error, write_json
 from esci_dataset import LABELS, ESCIDataError, PromptEncoder, atomic_write, require_columns
 
 logger = logging.getLogger("prepare_esci")
@@ -91,7 +91,7 @@ _HTML_TAG = re.compile(r"<!--.*?-->|</?[A-Za-z][^<>]*>", re.S)  # a bare "<" or 
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("input and output")
     g.add_argument("--esci_dir", type=str, required=True,
                    help=f"folder with {EXAMPLES_FILE}, {PRODUCTS_FILE} and (for --with_source) {SOURCES_FILE}")

@@ -74,16 +74,25 @@ def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
     if local_only and not os.path.isdir(os.path.expanduser(base_model)):
         raise ESCIDataError(f"base_model {base_model}: folder not found")
     check_safetensors_only(os.path.expanduser(base_model), "base_model")
-    check_not_a_classifier(os.path.expanduser(base_model))
+    check_base_model_kind(os.path.expanduser(base_model))
     check_hub_reachable(base_model, "base_model")
 
 
-def check_not_a_classifier(folder: str) -> None:
-    """Refuse a sequence-classification folder (``export.py --format seq_cls``) as the base model.
+def check_base_model_kind(folder: str) -> None:
+    """Refuse, as the base model, a LoRA adapter folder or a sequence classifier (``export.py --format seq_cls``).
 
-    transformers would load its decoder as a causal LM and drop the ``score`` head, and with it the
-    temperature folded into that head: the run would succeed with other probabilities.
+    transformers loads either without complaint: an adapter through its peft integration (training would then
+    stack a second LoRA on it and save a broken adapter), a classifier as a causal LM without its ``score``
+    head, and with it the temperature folded into that head. Runs would succeed with other probabilities.
     """
+    adapter_config = os.path.join(folder, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        trained_on = (read_reranker_config(folder) or {}).get("base_model")
+        hint = f" (this one was trained on {trained_on})" if trained_on else ""
+        raise ESCIDataError(
+            f"base_model {folder}: a LoRA adapter folder (it holds adapter_config.json), not a base model. Pass it as "
+            f"--lora_model, with the model it was trained on as --base_model{hint}; export.py --format merged turns "
+            f"the two into one folder that works as a base model.")
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         return

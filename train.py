@@ -22,7 +22,7 @@ from transformers import set_seed
 
 from batching import DEFAULT_MAX_MICRO_BATCHES
 from checkpoints import check_resume_matches, prepare_output_dir, resolve_checkpoint
-from cli_utils import HelpFormatter, check_output_dir, cli_error, write_json
+from cli_utils import ArgumentParser, HelpFormatter, check_output_dir, cli_error, write_json
 from esci_dataset import (
     INSTRUCT,
     LABELS,
@@ -44,6 +44,7 @@ from modeling import (
     parse_target_modules,
     resolve_dtype,
 )
+from reranker import check_base_model_kind
 from tokenized import tokenize_split
 from training import (
     LabelHeadTrainer,
@@ -62,7 +63,7 @@ logger = logging.getLogger("train")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data and model")
     g.add_argument("--base_model", type=str, required=True, help="base causal LM: a local folder or hub id (e.g. Qwen/Qwen3-0.6B)")
     g.add_argument("--train_file", type=str, required=True,
@@ -227,6 +228,8 @@ def tokenize_splits(train_df, eval_df, encoder: PromptEncoder, args: argparse.Na
 def load_base(args: argparse.Namespace, load, check_hub: bool = True):
     """``load(--base_model)`` (its tokenizer or model); a folder or hub id that cannot be loaded is a user error."""
     if check_hub:
+        if os.path.isdir(os.path.expanduser(args.base_model)):
+            check_base_model_kind(os.path.expanduser(args.base_model))  # not an adapter, not a seq_cls export
         check_hub_reachable(args.base_model, "--base_model")
     try:
         return load(args.base_model)

@@ -163,6 +163,11 @@ CASES = {
                                         files={"sc/config.json": '{"architectures": ["Qwen3ForSequenceClassification"]}'}),
     "predict_seq_cls_export_as_base": Case("predict", "--base_model {tmp}/sc --input {ok}", ("sc", "sequence classifier"),
                                            files={"sc/config.json": '{"architectures": ["Qwen3ForSequenceClassification"]}'}),
+    "eval_adapter_as_base": Case("eval", "--base_model {adapter}", ("base_model", "LoRA adapter folder", "--lora_model",
+                                                                   "trained on")),
+    "predict_adapter_as_base": Case("predict", "--base_model {adapter} --input {ok}", ("LoRA adapter folder",)),
+    "export_adapter_as_base": Case("export", "--base_model {adapter} --lora_model {adapter}", ("LoRA adapter folder",)),
+    "train_adapter_as_base": Case("train", "--base_model {adapter}", ("LoRA adapter folder", "--lora_model")),
     "eval_missing_file": Case("eval", "--eval_file {tmp}/absent.parquet", ("absent.parquet", "prepare_esci.py")),
     "eval_user_score_column": Case("eval", "--eval_file {tmp}/e.parquet --save_scores_path {tmp}/s.parquet",
                                    ("e.parquet", "'score'", "--column_prefix"),
@@ -236,7 +241,7 @@ def test_bad_input_is_exit_2_with_a_message_naming_it(name, tmp_path, capsys, mo
     argv = [arg.format(**paths) for arg in shlex.split(argv_text)]
 
     rc, err = run_main(case.cli, argv, case.stdin, capsys, monkeypatch)
-    assert "Traceback" not in err, err[-3000:]
+    assert "Traceback" not in err and "usage:" not in err, err[-3000:]  # no traceback, no 20-line usage block
     assert rc == 2, err[-3000:]
     last = err.strip().splitlines()[-1]  # the message is one paragraph, last on stderr (after any log lines)
     assert "error: " in last, err[-3000:]

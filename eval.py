@@ -73,7 +73,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("outputs")
     g.add_argument("--save_scores_path", type=str, default=None,
-                   help="write every input column plus true_label, p_E, p_S, p_C, p_I, score, pred_label (.parquet or "
+                   help="write every input column plus true_label, pred_label, p_E, p_S, p_C, p_I, score (.parquet or "
                         ".csv by extension), in input order")
     g.add_argument("--column_prefix", type=str, default="",
                    help="write our columns in --save_scores_path as PREFIX + name (e.g. eval_ -> eval_score); needed "

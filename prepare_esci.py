@@ -324,6 +324,8 @@ def prepare(args: argparse.Namespace) -> dict:
             encoder = PromptEncoder(AutoTokenizer.from_pretrained(args.tokenizer), max_length=1 << 30)
         except (OSError, ValueError) as exc:
             raise ESCIDataError(f"--tokenizer {args.tokenizer}: cannot load a tokenizer ({exc})") from None
+    for name in (EXAMPLES_FILE, PRODUCTS_FILE):  # all inputs present (and not git-lfs pointers) before reading any
+        check_file(os.path.join(args.esci_dir, name))
     sources = read_sources(os.path.join(args.esci_dir, SOURCES_FILE)) if args.with_source else None
 
     # 1. Examples: filtered while reading, then bad rows counted and dropped ----

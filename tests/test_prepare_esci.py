@@ -230,10 +230,12 @@ def assert_clean_error(capsys, *needles: str) -> None:
         assert needle in errors[0]
 
 
-def test_missing_products_file(esci_dir, tmp_path, capsys):
+def test_missing_products_file_is_found_before_the_examples_are_read(esci_dir, tmp_path, capsys, monkeypatch):
     os.remove(os.path.join(esci_dir, prepare_esci.PRODUCTS_FILE))
+    monkeypatch.setattr(prepare_esci, "read_examples", lambda *a, **k: pytest.fail("read the examples first"))
     assert run(esci_dir, tmp_path / "out")[0] == 2
     assert_clean_error(capsys, prepare_esci.PRODUCTS_FILE, "file not found", "git-lfs")
+    assert not os.path.exists(tmp_path / "out" / prepare_esci.OUTPUT_FILES["train"])
     assert not os.path.exists(tmp_path / "out" / prepare_esci.OUTPUT_FILES["train"])
 
 

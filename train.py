@@ -78,7 +78,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help=f"the task instruction in the prompt (default: {INSTRUCT!r}); stored with the adapter, "
                         "so eval, predict and export reuse it")
     g.add_argument("--eval_ratio", type=float, default=0.02, help="fraction of QUERIES held out for periodic eval (0 disables); no query is on both sides")
-    g.add_argument("--seed", type=int, default=42, help="seed for the split, LoRA init and data order")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="train on a seeded random sample of this many rows of the training split (quick runs); "
+                        "the held-out split is unchanged, and the log says how many rows were left out")
+    g.add_argument("--seed", type=int, default=42, help="seed for the split, the --max_train_samples sample, LoRA init "
+                                                        "and data order")
     g.add_argument("--preprocessing_num_workers", type=int, default=None,
                    help="processes that tokenize the data when it is not cached yet (in --output_dir/.tokenized); "
                         "default: 1 below 50k rows or on 2 cores or fewer, else one per core up to 8")
@@ -168,6 +172,8 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.max_steps == 0 or args.max_steps < -1:
         parser.error(f"--max_steps must be a positive number of steps (or -1 to use --num_train_epochs), got {args.max_steps}")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        parser.error(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
     if args.eval_steps is not None and args.eval_steps < 1:
         parser.error(f"--eval_steps must be at least 1, got {args.eval_steps}")
     if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
@@ -212,6 +218,11 @@ def load_training_data(args: argparse.Namespace):
     """``(train_df, eval_df)``: the validated parquet, split by query (no query on both sides)."""
     train_df, eval_df = split_by_query(load_esci_parquet(args.train_file), args.eval_ratio, args.seed)
     logger.info("train rows %d, eval rows %d (split by query, seed %d)", len(train_df), len(eval_df), args.seed)
+    if args.max_train_samples is not None and args.max_train_samples < len(train_df):
+        logger.info("--max_train_samples %d: training on a random sample of %d of the %d training rows (%d left out)",
+                    args.max_train_samples, args.max_train_samples, len(train_df),
+                    len(train_df) - args.max_train_samples)
+        train_df = train_df.sample(n=args.max_train_samples, random_state=args.seed).sort_index()
     if args.eval_ratio > 0 and len(eval_df) == 0:
         logger.warning("only one query in %s: no held-out split, periodic evaluation is off", args.train_file)
     return train_df, eval_df

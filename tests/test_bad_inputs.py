@@ -140,6 +140,7 @@ CASES = {
     # train: numbers, files, output folders and checkpoints, all before the model loads ---------------
     "train_learning_rate_nan": Case("train", "--learning_rate nan", ("--learning_rate", "nan")),
     "train_epochs_negative": Case("train", "--num_train_epochs -1", ("--num_train_epochs", "-1")),
+    "train_max_train_samples_zero": Case("train", "--max_train_samples 0", ("--max_train_samples", "got 0")),
     "train_max_length_below_template": Case("train", "--max_length 70", ("max_length=70", "too small")),
     "train_optim_unknown": Case("train", "--optim nosuch", ("--optim", "'nosuch'", "adamw_torch")),
     "train_scheduler_unknown": Case("train", "--lr_scheduler_type nosuch", ("--lr_scheduler_type", "'nosuch'", "cosine")),

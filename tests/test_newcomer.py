@@ -75,3 +75,24 @@ def test_peft_deprecation_noise_is_hidden_and_the_filter_matches_the_real_warnin
         modeling.silence_third_party_warnings()  # what importing modeling does
         model.is_gradient_checkpointing
     assert not any("is_gradient_checkpointing" in str(w.message) for w in caught)
+
+
+# Flags of other tools the READMEs show: pip, torchrun, vLLM.
+OTHER_TOOLS_FLAGS = {"--index-url", "--nproc_per_node", "--runner", "--task"}
+
+
+def _named_flags(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text))
+
+
+def test_every_flag_the_readmes_name_exists_and_both_readmes_name_the_same_ones():
+    import importlib
+
+    ours = set()
+    for name in sorted(os.listdir(ROOT)):
+        if name.endswith(".py") and "def make_parser" in read(name):
+            ours |= {flag for action in importlib.import_module(name[:-3]).make_parser()._actions
+                     for flag in action.option_strings}
+    english, chinese = _named_flags(read("README.md")), _named_flags(read("README_zh.md"))
+    assert english - ours - OTHER_TOOLS_FLAGS == set()  # a renamed or removed flag the README still shows
+    assert english == chinese  # one README changed without the other

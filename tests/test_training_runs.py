@@ -1,6 +1,7 @@
 """Training modes: resume after a crash, torchrun on CPU, W&B offline, gradient checkpointing."""
 
 import json
+import logging
 import os
 import textwrap
 
@@ -75,6 +76,19 @@ def test_resume_after_interruption_finishes_like_an_uninterrupted_run(tiny_model
     assert resumed.keys() == reference.keys()
     for key in reference:  # same data order, optimizer and scheduler state: same weights
         torch.testing.assert_close(resumed[key], reference[key], atol=1e-5, rtol=1e-4)
+
+
+def test_max_train_samples_trains_one_epoch_over_that_many_rows_and_says_what_it_left_out(tiny_model_dir, demo_data,
+                                                                                          tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    out = str(tmp_path / "sample")
+    assert train_cli.main(_args(tiny_model_dir, demo_data[0], out, "--max_train_samples", "40", "--num_train_epochs", "1",
+                                "--save_steps", "100", "--eval_ratio", "0")) == 0
+    n_rows = len(pd.read_parquet(demo_data[0]))
+    assert f"training on a random sample of 40 of the {n_rows} training rows ({n_rows - 40} left out)" in caplog.text
+    with open(os.path.join(out, "train_metrics.json")) as f:
+        history = json.load(f)["log_history"]
+    assert max(entry["step"] for entry in history) == 5  # 40 rows in steps of 8, not the file's 1,920
 
 
 def test_resume_latest_without_checkpoint_is_a_clear_error(tiny_model_dir, demo_data, tmp_path, capsys):

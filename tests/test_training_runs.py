@@ -14,6 +14,7 @@ from transformers import AutoConfig
 import eval as eval_cli
 import train as train_cli
 from tests.conftest import ROOT, run_torchrun
+from esci_dataset import load_esci_parquet, split_by_query
 from tokenized import CACHE_DIRNAME
 from training import LabelHeadTrainer
 
@@ -176,10 +177,11 @@ TRAIN_RECORDING_DATASET_CALLS = textwrap.dedent("""
 def test_torchrun_two_processes_train_like_one_process_with_the_combined_batch(tiny_model_dir, demo_data, tmp_path):
     """Each rank takes its shard of one random permutation and gradients are averaged across ranks: two ranks
     x 4 pairs make the same SGD updates as one process x 8 pairs (micro-batch counts differ between ranks).
-    The same run shows one tokenization per node: rank 0 tokenizes into the cache, rank 1 only loads it
-    (one torchrun run for both, as each costs ~30 s of the suite)."""
+    The same run shows one tokenization per node (rank 0 tokenizes into the cache, rank 1 only loads it) and
+    the held-out evaluation sharded across ranks and gathered back in order: its metrics, nDCG per query and
+    the fitted temperature included, are the single process's (one torchrun run, as each costs ~30 s)."""
     sgd = ["--max_steps", "2", "--save_steps", "100", "--optim", "sgd", "--learning_rate", "0.5", "--warmup_ratio", "0",
-           "--lr_scheduler_type", "constant", "--lora_dropout", "0", "--eval_ratio", "0", "--dtype", "fp32"]
+           "--lr_scheduler_type", "constant", "--lora_dropout", "0", "--eval_ratio", "0.1", "--dtype", "fp32"]
     ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
     marker, script = str(tmp_path / "calls.txt"), str(tmp_path / "train_recording.py")
     with open(script, "w") as f:
@@ -189,16 +191,29 @@ def test_torchrun_two_processes_train_like_one_process_with_the_combined_batch(t
     with open(os.path.join(ddp, "run_config.json")) as f:
         assert json.load(f)["world_size"] == 2
 
-    with open(marker) as f:
-        assert sorted(f.read().split("\n")[:-1]) == ["load rank0", "load rank1", "map rank0"]  # rank 1 never tokenized
-    assert f"tokenized {len(pd.read_parquet(demo_data[0]))} train rows" in proc.stderr
-    assert len(os.listdir(os.path.join(ddp, CACHE_DIRNAME))) == 1
+    with open(marker) as f:  # train and held-out splits: rank 1 never tokenized
+        assert sorted(f.read().split("\n")[:-1]) == ["load rank0"] * 2 + ["load rank1"] * 2 + ["map rank0"] * 2
+    train_split, held_out = split_by_query(load_esci_parquet(demo_data[0]), 0.1, 42)
+    assert f"tokenized {len(train_split)} train rows" in proc.stderr
+    assert f"tokenized {len(held_out)} eval rows" in proc.stderr
+    assert len(os.listdir(os.path.join(ddp, CACHE_DIRNAME))) == 2
 
     assert train_cli.main(_args(tiny_model_dir, demo_data[0], single, *sgd, "--per_device_train_batch_size", "8")) == 0
     two_ranks, one_process = _lora_b(ddp), _lora_b(single)
     assert any(v.abs().sum() > 0 for v in one_process.values())
     for key in one_process:
         torch.testing.assert_close(two_ranks[key], one_process[key], atol=1e-5, rtol=1e-4)
+
+    def held_out_metrics(folder):
+        with open(os.path.join(folder, "train_metrics.json")) as f:
+            metrics = json.load(f)
+        return metrics["eval"], metrics["calibration"]
+
+    (ddp_eval, ddp_calibration), (one_eval, one_calibration) = held_out_metrics(ddp), held_out_metrics(single)
+    for key in ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_ndcg"):
+        assert ddp_eval[key] == pytest.approx(one_eval[key], abs=1e-5), key
+    assert ddp_calibration["n"] == one_calibration["n"] == len(held_out)  # no pair lost or repeated by the gather
+    assert ddp_calibration["nll_before"] == pytest.approx(one_calibration["nll_before"], abs=1e-5)
 
 
 def test_report_to_wandb_without_credentials_stops_before_the_model_loads(tiny_model_dir, demo_data, tmp_path,

@@ -47,6 +47,7 @@ from modeling import (
 from reranker import check_base_model_kind
 from tokenized import tokenize_split
 from training import (
+    BEST_MODEL_METRICS,
     LabelHeadTrainer,
     SaveRunContract,
     check_packed_steps,
@@ -135,6 +136,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_steps", type=int, default=500, help="save a checkpoint every N steps")
     g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N steps (default: --save_steps)")
     g.add_argument("--save_total_limit", type=int, default=3, help="keep at most N checkpoints")
+    g.add_argument("--load_best_model_at_end", action="store_true",
+                   help="end with the checkpoint that scored best on the held-out split (--metric_for_best_model) "
+                        "instead of the last step; it becomes the saved adapter and is kept by --save_total_limit. "
+                        "Needs --eval_ratio > 0 and --save_steps a multiple of --eval_steps")
+    g.add_argument("--metric_for_best_model", choices=BEST_MODEL_METRICS, default="ndcg",
+                   help="held-out metric that picks the best checkpoint: ndcg (ESCI task 1, the ranking), loss "
+                        "(lower is better), accuracy or macro_f1")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="checkpoint folder to continue from, or 'latest' for the newest complete one in --output_dir")
     g.add_argument("--report_to", type=str, default="none", help="'none', 'wandb' or 'tensorboard' (comma list allowed)")
@@ -176,6 +184,11 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
     if args.eval_steps is not None and args.eval_steps < 1:
         parser.error(f"--eval_steps must be at least 1, got {args.eval_steps}")
+    if args.load_best_model_at_end and args.eval_ratio == 0:
+        parser.error("--load_best_model_at_end needs a held-out split to pick the best checkpoint on; set --eval_ratio > 0")
+    if args.load_best_model_at_end and args.eval_steps and args.save_steps % args.eval_steps:
+        parser.error(f"--load_best_model_at_end needs --save_steps ({args.save_steps}) to be a multiple of --eval_steps "
+                     f"({args.eval_steps}), so every saved checkpoint has a held-out score")
     if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
         parser.error(f"--preprocessing_num_workers must be at least 1, got {args.preprocessing_num_workers}")
     from transformers import SchedulerType
@@ -225,6 +238,11 @@ def load_training_data(args: argparse.Namespace):
         train_df = train_df.sample(n=args.max_train_samples, random_state=args.seed).sort_index()
     if args.eval_ratio > 0 and len(eval_df) == 0:
         logger.warning("only one query in %s: no held-out split, periodic evaluation is off", args.train_file)
+    if (args.load_best_model_at_end and args.metric_for_best_model == "ndcg" and len(eval_df)
+            and eval_df["esci_label"].eq("I").all()):
+        raise ESCIDataError(f"{args.train_file}: no held-out query has an E, S or C item, so held-out nDCG is "
+                            "undefined and cannot pick the best checkpoint; use another --metric_for_best_model or "
+                            "--eval_ratio/--seed")
     return train_df, eval_df
 
 
@@ -362,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{trainer.state.global_step} (first: {broken[0]}), so no adapter was saved in {args.output_dir}. "
             f"Lower --learning_rate (it was {args.learning_rate:g}), or continue from a checkpoint-* folder saved "
             f"before the divergence with --resume_from_checkpoint.")
+    if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        logger.info("the saved adapter is the best checkpoint on the held-out split, %s (%s %.4f); training ran "
+                    "to step %d", os.path.basename(trainer.state.best_model_checkpoint), args.metric_for_best_model,
+                    trainer.state.best_metric, trainer.state.global_step)
     trainer.save_model(args.output_dir)
     metrics = {"train": result.metrics, **evaluate_held_out(trainer, eval_ds, args.calibrate)}
 

@@ -34,6 +34,9 @@ def label_head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+BEST_MODEL_METRICS = ("ndcg", "loss", "accuracy", "macro_f1")  # held-out metrics --metric_for_best_model can use
+
+
 def held_out_metrics(groups) -> Callable[[EvalPrediction], dict[str, float]]:
     """The Trainer's ``compute_metrics`` for the held-out split: accuracy and F1 beside the majority class, and
     ``ndcg``, ESCI task 1 (mean per-query nDCG of the ranking score, as eval.py reports it) from the raw logits.
@@ -228,6 +231,8 @@ def training_arguments(args: argparse.Namespace, dtype: torch.dtype, eval_enable
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
+        load_best_model_at_end=args.load_best_model_at_end and eval_enabled,
+        metric_for_best_model=args.metric_for_best_model,  # greater is better except for "loss"
         eval_strategy="steps" if eval_enabled else "no",
         eval_steps=args.eval_steps or args.save_steps,
         bf16=dtype == torch.bfloat16,

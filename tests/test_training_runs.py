@@ -92,6 +92,23 @@ def test_max_train_samples_trains_one_epoch_over_that_many_rows_and_says_what_it
     assert max(entry["step"] for entry in history) == 5  # 40 rows in steps of 8, not the file's 1,920
 
 
+def test_load_best_model_at_end_saves_the_checkpoint_with_the_best_held_out_ndcg(tiny_model_dir, demo_data, tmp_path):
+    out = str(tmp_path / "best")
+    assert train_cli.main(_args(tiny_model_dir, demo_data[0], out, "--learning_rate", "5e-2", "--max_steps", "8",
+                                "--save_steps", "2", "--eval_steps", "2", "--save_total_limit", "1",
+                                "--load_best_model_at_end", "--dtype", "fp32")) == 0
+    with open(os.path.join(out, "train_metrics.json")) as f:
+        metrics = json.load(f)
+    periodic = {e["step"]: e["eval_ndcg"] for e in metrics["log_history"][:-1] if "eval_ndcg" in e}
+    best_step = max(periodic, key=periodic.get)
+    assert sorted(periodic) == [2, 4, 6, 8] and best_step != 8, periodic  # this run peaks early: the test can fail
+    assert sorted(os.listdir(out)).count(f"checkpoint-{best_step}") == 1  # kept beside the last one despite the limit
+    saved, best = _lora_b(out), _lora_b(os.path.join(out, f"checkpoint-{best_step}"))
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in best)
+    assert metrics["eval"]["eval_ndcg"] == pytest.approx(periodic[best_step], abs=1e-6)  # the final held-out eval
+    assert metrics["eval"]["eval_ndcg"] > periodic[8]
+
+
 def test_resume_latest_without_checkpoint_is_a_clear_error(tiny_model_dir, demo_data, tmp_path, capsys):
     rc = train_cli.main(_args(tiny_model_dir, demo_data[0], str(tmp_path / "empty"), "--resume_from_checkpoint", "latest"))
     assert rc == 2 and "no checkpoint-* folder" in capsys.readouterr().err

@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_NAME = "run_config.json"
 # Flags that decide the weights' shape or meaning: resuming under other values would mix two runs.
 RUN_IDENTITY_FLAGS = ("base_model", "lora_r", "lora_alpha", "lora_target_modules", "instruction")
+# Flags that decide which rows train and which are held out, and how the best checkpoint is judged: the Trainer
+# resumes at step N of the data order they define, and compares new scores with the checkpoint's best.
+RUN_DATA_FLAGS = ("train_file", "eval_ratio", "seed", "max_train_samples", "load_best_model_at_end",
+                  "metric_for_best_model")
+# Flags that change how many rows a step takes: resuming under others skips a different number of rows.
+RUN_STEP_FLAGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -115,15 +121,41 @@ def saved_identity(checkpoint: str) -> dict:
     return {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha")}
 
 
+def _saved_run_config(checkpoint: str) -> dict:
+    try:
+        return _read_json(os.path.join(checkpoint, RUN_CONFIG_NAME))
+    except (OSError, ValueError):
+        return {}
+
+
+def _differences(saved: dict, current: dict, flags: tuple[str, ...]) -> list[str]:
+    """``--flag saved (checkpoint) vs now`` for each of ``flags`` the checkpoint recorded with another value
+    (a flag older checkpoints did not record is not compared; a recorded None is: it means "all" or "off")."""
+    def same(k):
+        a, b = saved[k], current.get(k)
+        if k == "train_file" and isinstance(a, str) and isinstance(b, str):
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
+    return [f"--{k} {saved[k]!r} (checkpoint) vs {current.get(k)!r} (now)" for k in flags if k in saved and not same(k)]
+
+
 def check_resume_matches(checkpoint: str, args_dict: dict) -> None:
-    """Refuse to resume ``checkpoint`` under flags that change the model (exit-2 message naming them)."""
+    """Refuse to resume ``checkpoint`` under flags that change the model, the rows or the best-checkpoint rule
+    (exit-2 message naming them); warn when only the rows per step differ."""
     saved, current = saved_identity(checkpoint), run_identity(args_dict)
     differ = [f"--{k} {saved[k]!r} (checkpoint) vs {current[k]!r} (now)" for k in RUN_IDENTITY_FLAGS
               if saved.get(k) is not None and saved[k] != current[k]]
+    config = _saved_run_config(checkpoint)
+    differ += _differences(config, args_dict, RUN_DATA_FLAGS)
     if differ:
         raise ESCIDataError(f"{checkpoint} was trained with other flags, so resuming would mix two runs: "
                             + "; ".join(differ) + ". Resume with the checkpoint's flags, or start a fresh run in "
                             "another --output_dir (or pass --overwrite_output_dir).")
+    steps = _differences(config, args_dict, RUN_STEP_FLAGS)
+    if steps:
+        logger.warning("resuming %s with other rows per step (%s): the Trainer skips the steps already done by "
+                       "count, so the rest of this epoch is not exactly the rest of the interrupted one",
+                       checkpoint, "; ".join(steps))
 
 
 def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool, is_main: bool) -> None:

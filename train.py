@@ -217,12 +217,13 @@ def set_up_logging(args: argparse.Namespace, process_index: int) -> bool:
     return is_main
 
 
-def prepare_run(args: argparse.Namespace, is_main: bool) -> str | None:
-    """Check --output_dir, find the checkpoint to resume (same model flags only) and clear or keep old runs."""
+def prepare_run(args: argparse.Namespace, is_main: bool, run_config: dict) -> str | None:
+    """Check --output_dir, find the checkpoint to resume (same model, data and best-checkpoint flags only; see
+    ``checkpoints.check_resume_matches``) and clear or keep old runs. ``run_config``: the flags and world size."""
     check_output_dir(args.output_dir, "--output_dir")
     resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume:
-        check_resume_matches(resume, vars(args))
+        check_resume_matches(resume, run_config)
     prepare_output_dir(args.output_dir, resume is not None, args.overwrite_output_dir, is_main)
     return resume
 
@@ -237,6 +238,9 @@ def load_training_data(args: argparse.Namespace):
                     len(train_df) - args.max_train_samples)
         train_df = train_df.sample(n=args.max_train_samples, random_state=args.seed).sort_index()
     if args.eval_ratio > 0 and len(eval_df) == 0:
+        if args.load_best_model_at_end:
+            raise ESCIDataError(f"{args.train_file}: only one query, so no held-out split to pick the best checkpoint "
+                                "on (--load_best_model_at_end); train without it, or on more queries")
         logger.warning("only one query in %s: no held-out split, periodic evaluation is off", args.train_file)
     if (args.load_best_model_at_end and args.metric_for_best_model == "ndcg" and len(eval_df)
             and eval_df["esci_label"].eq("I").all()):
@@ -297,7 +301,10 @@ def evaluate_held_out(trainer: LabelHeadTrainer, eval_ds, calibrate: bool) -> di
         return {}
     # predict() is evaluate()'s pass and metrics, and also returns the 4 label logits for calibration
     held_out = trainer.predict(eval_ds, metric_key_prefix="eval")
-    trainer.log(held_out.metrics)
+    if not trainer.args.load_best_model_at_end:
+        # The last step's model, logged at the last step. The best checkpoint's are already in the log at its own
+        # step: logged again at the last step they would draw a false last point in the curves and W&B.
+        trainer.log(held_out.metrics)
     metrics = {"eval": held_out.metrics}
     if calibrate:
         metrics["calibration"] = fit_held_out_temperature(held_out.predictions, held_out.label_ids)
@@ -343,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     run_config = {**vars(args), "world_size": targs.world_size}
     try:
         # 2. Output folder and resume point; the data, split by query --------------------------
-        resume = prepare_run(args, is_main)
+        resume = prepare_run(args, is_main, run_config)
         train_df, eval_df = load_training_data(args)
         if args.eval_ratio > 0 and len(eval_df) == 0:
             targs = training_arguments(args, dtype, eval_enabled=False)

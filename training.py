@@ -76,6 +76,14 @@ class LabelHeadTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the base __init__ inspects the model and sets it again
         self.prefix_ids = list(prefix_ids)
 
+    def _get_eval_sampler(self, eval_dataset):
+        # Dataset order, whatever the training sampler: held_out_metrics matches predictions to queries by position
+        # (the stock Trainer groups eval batches by length too under --group_by_length). Under torchrun, None lets
+        # accelerate shard the batches in order.
+        if eval_dataset is None or self.args.world_size > 1:
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The prefix runs outside the DDP wrapper: its gradients still reach the same parameters.
         logits = step_logits(model, inputs, self.prefix_ids, prefix_model=self.accelerator.unwrap_model(model))
@@ -231,8 +239,7 @@ def training_arguments(args: argparse.Namespace, dtype: torch.dtype, eval_enable
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
-        load_best_model_at_end=args.load_best_model_at_end and eval_enabled,
-        metric_for_best_model=args.metric_for_best_model,  # greater is better except for "loss"
+        **best_model_arguments(args, eval_enabled),
         eval_strategy="steps" if eval_enabled else "no",
         eval_steps=args.eval_steps or args.save_steps,
         bf16=dtype == torch.bfloat16,
@@ -254,6 +261,18 @@ def training_arguments(args: argparse.Namespace, dtype: torch.dtype, eval_enable
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if launched_distributed() and not torch.cuda.is_available() else None,
     )
+
+
+def best_model_arguments(args: argparse.Namespace, eval_enabled: bool) -> dict:
+    """TrainingArguments for --load_best_model_at_end. Without it no metric is set: the Trainer would otherwise track
+    a "best" checkpoint anyway, keep it out of --save_total_limit's rotation and fail on a missing metric."""
+    if not (args.load_best_model_at_end and eval_enabled):
+        return {}
+    metric_driven = args.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy")
+    return {"load_best_model_at_end": True,
+            "metric_for_best_model": args.metric_for_best_model,  # greater is better except for "loss"
+            # the schedulers that watch this metric assume lower is better unless told
+            **({"lr_scheduler_kwargs": {"mode": "max"}} if metric_driven and args.metric_for_best_model != "loss" else {})}
 
 
 def step_collator(model, tokenizer, encoder: PromptEncoder, args: argparse.Namespace, n_gpu: int,

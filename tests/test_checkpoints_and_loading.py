@@ -73,6 +73,25 @@ def test_resuming_under_other_model_flags_names_them(tmp_path):
         check_resume_matches(path, {**same, "lora_r": 16})
 
 
+def test_resuming_on_other_rows_or_another_best_checkpoint_rule_is_refused_and_other_step_sizes_warn(tmp_path,
+                                                                                                        caplog):
+    model = {"base_model": "m", "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj", "instruction": None}
+    data = {"train_file": str(tmp_path / "train.parquet"), "eval_ratio": 0.02, "seed": 42, "max_train_samples": None,
+            "load_best_model_at_end": False, "metric_for_best_model": "ndcg"}
+    steps = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 4, "world_size": 2}
+    path = _checkpoint(str(tmp_path), 4, run_config={**model, **data, **steps})
+    check_resume_matches(path, {**model, **data, **steps})
+    relative = os.path.relpath(data["train_file"])  # the same file, named another way
+    check_resume_matches(path, {**model, **data, **steps, "train_file": relative})
+    for flag, value in (("max_train_samples", 200), ("seed", 7), ("eval_ratio", 0.05), ("metric_for_best_model", "loss"),
+                        ("train_file", str(tmp_path / "other.parquet"))):
+        with pytest.raises(ESCIDataError, match=f"--{flag} .* \\(checkpoint\\) vs .* \\(now\\)"):
+            check_resume_matches(path, {**model, **data, **steps, flag: value})
+    assert "other rows per step" not in caplog.text
+    check_resume_matches(path, {**model, **data, **steps, "world_size": 4})  # resumed on more GPUs: allowed
+    assert "other rows per step (--world_size 2 (checkpoint) vs 4 (now))" in caplog.text
+
+
 def test_a_checkpoint_killed_before_its_run_config_still_checks_the_lora_rank(tmp_path):
     path = _checkpoint(str(tmp_path), 4)
     os.remove(os.path.join(path, "run_config.json"))  # the on-save callback writes it after the Trainer's files

@@ -236,7 +236,6 @@ def test_missing_products_file_is_found_before_the_examples_are_read(esci_dir, t
     assert run(esci_dir, tmp_path / "out")[0] == 2
     assert_clean_error(capsys, prepare_esci.PRODUCTS_FILE, "file not found", "git-lfs")
     assert not os.path.exists(tmp_path / "out" / prepare_esci.OUTPUT_FILES["train"])
-    assert not os.path.exists(tmp_path / "out" / prepare_esci.OUTPUT_FILES["train"])
 
 
 def test_sources_csv_only_needed_with_flag(esci_dir, tmp_path, capsys):

@@ -99,14 +99,50 @@ def test_load_best_model_at_end_saves_the_checkpoint_with_the_best_held_out_ndcg
                                 "--load_best_model_at_end", "--dtype", "fp32")) == 0
     with open(os.path.join(out, "train_metrics.json")) as f:
         metrics = json.load(f)
-    periodic = {e["step"]: e["eval_ndcg"] for e in metrics["log_history"][:-1] if "eval_ndcg" in e}
+    logged = [(e["step"], e["eval_ndcg"]) for e in metrics["log_history"] if "eval_ndcg" in e]
+    assert [step for step, _ in logged] == [2, 4, 6, 8]  # the final eval is not logged again at step 8 (a false point)
+    periodic = dict(logged)
     best_step = max(periodic, key=periodic.get)
-    assert sorted(periodic) == [2, 4, 6, 8] and best_step != 8, periodic  # this run peaks early: the test can fail
+    assert best_step != 8, periodic  # this run peaks early, so the test can tell the best from the last
     assert sorted(os.listdir(out)).count(f"checkpoint-{best_step}") == 1  # kept beside the last one despite the limit
     saved, best = _lora_b(out), _lora_b(os.path.join(out, f"checkpoint-{best_step}"))
     assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in best)
     assert metrics["eval"]["eval_ndcg"] == pytest.approx(periodic[best_step], abs=1e-6)  # the final held-out eval
     assert metrics["eval"]["eval_ndcg"] > periodic[8]
+
+
+def test_a_plain_run_tracks_no_best_checkpoint_and_trains_when_held_out_ndcg_is_undefined(tiny_model_dir, demo_data,
+                                                                                          tmp_path, caplog):
+    """Without --load_best_model_at_end no metric is watched: the last checkpoint is the one --save_total_limit keeps,
+    and a held-out split without a relevant item (nDCG undefined) is no reason to stop."""
+    caplog.set_level(logging.INFO, logger="train")
+    all_irrelevant = str(tmp_path / "all_i.parquet")
+    pd.read_parquet(demo_data[0]).assign(esci_label="I").to_parquet(all_irrelevant, index=False)
+    out = str(tmp_path / "plain")
+    assert train_cli.main(_args(tiny_model_dir, all_irrelevant, out, "--max_steps", "4", "--save_steps", "2",
+                                "--save_total_limit", "1")) == 0
+    assert [d for d in os.listdir(out) if d.startswith("checkpoint-")] == ["checkpoint-4"]
+    with open(os.path.join(out, "checkpoint-4", "trainer_state.json")) as f:
+        assert json.load(f)["best_model_checkpoint"] is None
+    assert "nDCG n/a (no held-out query has a relevant item)" in caplog.text
+
+
+def test_held_out_ndcg_follows_dataset_order_under_group_by_length(tiny_model_dir, demo_data, tmp_path):
+    """The stock Trainer also length-groups eval batches under --group_by_length, which scrambled the predictions
+    against their queries: train.py's nDCG must still be eval.py's on the same held-out rows."""
+    out = str(tmp_path / "grouped")
+    assert train_cli.main(_args(tiny_model_dir, demo_data[0], out, "--group_by_length", "--max_steps", "2",
+                                "--save_steps", "100", "--dtype", "fp32")) == 0
+    _, held_out = split_by_query(load_esci_parquet(demo_data[0]), 0.1, 42)  # SHORT's --eval_ratio, the default seed
+    held_out_file, metrics_path = str(tmp_path / "held_out.parquet"), str(tmp_path / "m.json")
+    held_out.to_parquet(held_out_file, index=False)
+    assert eval_cli.main(["--base_model", tiny_model_dir, "--lora_model", out, "--dtype", "fp32", "--no_temperature",
+                          "--eval_file", held_out_file, "--max_length", "192", "--metrics_path", metrics_path,
+                          "--no_plots"]) == 0
+    with open(metrics_path) as f:
+        expected = json.load(f)["esci_tasks"]["task1_ranking_ndcg"]
+    with open(os.path.join(out, "train_metrics.json")) as f:
+        assert json.load(f)["eval"]["eval_ndcg"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_resume_latest_without_checkpoint_is_a_clear_error(tiny_model_dir, demo_data, tmp_path, capsys):

@@ -235,8 +235,10 @@ def plot_training(log_history: Sequence[dict], out_path: str) -> str | None:
             steps, values = series[key]
             ax.plot(steps, values, color=color, marker=marker, markersize=3, linewidth=1.2, label=label)
         ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.set_xlim(left=0)  # both panels on the run's step axis, even with one evaluation at the end
         if keys is metric_keys:
             ax.set_ylim(0, 1)  # the full range, so a small wobble does not look like a trend
-        ax.legend(fontsize=7)
+        # Trained metrics sit near the top of [0, 1]: keep the legend off them.
+        ax.legend(fontsize=7, loc="lower right" if keys is metric_keys else "best")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     return _save(fig, out_path)

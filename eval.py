@@ -14,7 +14,8 @@ The report, printed and written as JSON (--metrics_path):
     mean score per label, ROC-AUC, nDCG and nDCG@10;
   * calibration of the raw model (ECE over 15 bins of the top-class probability, Brier, NLL), and
     with a stored temperature the same before -> after it ("calibration" in the JSON);
-  * the worst queries by nDCG and the most confident mistakes.
+  * the worst queries by nDCG and the most confident mistakes;
+  * with several product_locale values (prepare_esci.py --locale all), the headline metrics per locale.
 PNG plots (confusion matrix, score per true label, ROC, reliability diagram) go next to the JSON.
 
     python eval.py --base_model Qwen/Qwen3-0.6B --lora_model outputs/qwen3-esci-lora \\
@@ -46,7 +47,7 @@ from cli_utils import (
     write_json,
 )
 from esci_dataset import LABEL_TO_ID, LABELS, ESCIDataError, load_esci_parquet, query_groups
-from metrics import evaluation_report, format_report, mean_ndcg
+from metrics import breakdown, evaluation_report, format_report, mean_ndcg
 from modeling import LABEL_CONFIG_NAME
 from reranker import (
     OUTPUT_COLUMNS,
@@ -60,6 +61,7 @@ from reranker import (
 
 logger = logging.getLogger("eval")
 N_SHOWN = 5  # worst queries and confident mistakes printed and kept in the JSON
+LOCALE_COLUMN = "product_locale"  # an eval file with several (prepare_esci --locale all) gets metrics per locale
 SCORE_FORMATS = (".parquet", ".csv")
 SCORE_COLUMNS = ("true_label", *OUTPUT_COLUMNS)  # what --save_scores_path adds to the input columns
 
@@ -202,6 +204,9 @@ def build_report(df: pd.DataFrame, logits: np.ndarray, probs: np.ndarray, temper
         without_t, with_t = (ndcg_other, report["ndcg"]) if temperature["applied"] else (report["ndcg"], ndcg_other)
         report["calibration"].update(ndcg_before=without_t, ndcg_after=with_t)
     report["worst_queries"] = describe_worst_queries(report["worst_queries"], df)
+    if LOCALE_COLUMN in df.columns and df[LOCALE_COLUMN].nunique(dropna=False) > 1:  # e.g. prepare_esci --locale all
+        report["by_locale"] = breakdown(df[LOCALE_COLUMN].to_numpy(), y_true, probs.argmax(axis=1),
+                                        scores_from_probs(probs), groups)
     return report
 
 
@@ -224,6 +229,12 @@ def print_report(report: dict, adapter: str | None) -> None:
     if c.get("ndcg_before") is not None:
         print(f"  nDCG without -> with the temperature: {c['ndcg_before']:.4f} -> {c['ndcg_after']:.4f}"
               " (it can reorder items by score)")
+    if report.get("by_locale"):
+        print(f"\nby {LOCALE_COLUMN}:{'n':>9}  accuracy  macro_f1  majority      nDCG")
+        for locale, m in report["by_locale"].items():
+            ndcg = "n/a" if m["ndcg"] is None else f"{m['ndcg']:.4f}"
+            print(f"  {locale:<17}{m['n']:>8d}  {m['accuracy']:>8.4f}  {m['macro_f1']:>8.4f}  "
+                  f"{m['majority_accuracy']:>8.4f}  {ndcg:>8}")
     if report.get("worst_queries"):
         print("\nworst queries by nDCG:")
         for q in report["worst_queries"]:

@@ -269,6 +269,23 @@ def evaluation_report(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray,
     return report
 
 
+def breakdown(by: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray,
+              groups: np.ndarray | None) -> dict[str, dict]:
+    """The headline metrics per value of ``by`` (e.g. ``product_locale``), keyed by the value as a string, sorted:
+    ``{n, accuracy, macro_f1, majority_accuracy, ndcg}``. ``ndcg`` (ESCI task 1 on the slice's rows) is None
+    without query groups or when no query of the slice has a relevant item."""
+    by, y_true, y_pred = np.asarray(by).astype(str), np.asarray(y_true), np.asarray(y_pred)
+    scores = np.asarray(scores, dtype=float)
+    out = {}
+    for value in sorted(set(by.tolist())):
+        rows = by == value
+        m = classification_metrics(y_true[rows], y_pred[rows])
+        out[value] = {"n": int(rows.sum()), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                      "majority_accuracy": majority_baseline(y_true[rows])["accuracy"],
+                      "ndcg": None if groups is None else mean_ndcg(np.asarray(groups)[rows], y_true[rows], scores[rows])[0]}
+    return out
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 

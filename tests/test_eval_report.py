@@ -121,6 +121,24 @@ def test_printed_report_explains_labels_score_and_model_then_worst_queries_besid
     assert "HDMI cable" in out[mistakes:].splitlines()[1]
 
 
+def test_an_eval_file_with_several_locales_gets_metrics_per_locale(setup, capsys):
+    df = pd.read_parquet(setup.data)
+    df["product_locale"] = ["us"] * 8 + ["es"] * 4  # queries 1-2 us, query 3 es
+    df.to_parquet(setup.data)
+    rc, out, _, report = run(setup, capsys)
+    assert rc == 0 and list(report["by_locale"]) == ["es", "us"]
+    us, es = report["by_locale"]["us"], report["by_locale"]["es"]
+    assert us["n"] + es["n"] == report["n"]
+    assert (us["ndcg"] * 2 + es["ndcg"]) / 3 == pytest.approx(report["ndcg"])  # 2 us queries, 1 es query
+    assert (us["accuracy"] * 8 + es["accuracy"] * 4) / 12 == pytest.approx(report["accuracy"])
+    table = out[out.index("by product_locale:"):].splitlines()
+    assert table[1].split()[:2] == ["es", "4"] and table[2].split()[:2] == ["us", "8"]
+
+    df.assign(product_locale="us").to_parquet(setup.data)  # one locale: nothing to break down
+    rc, out, _, report = run(setup, capsys)
+    assert rc == 0 and "by_locale" not in report and "by product_locale" not in out
+
+
 def test_zero_shot_says_so(setup, capsys):
     rc, out, _, report = run(setup, capsys, adapter=False)
     assert rc == 0 and "model: zero-shot (no adapter loaded)" in out and report["adapter"] is None

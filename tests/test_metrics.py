@@ -7,6 +7,7 @@ import pytest
 
 from calibration import brier_score, calibration_before_after, expected_calibration_error, fit_temperature, nll, softmax
 from metrics import (
+    breakdown,
     classification_metrics,
     confusion_matrix,
     esci_tasks,
@@ -273,3 +274,19 @@ def test_held_out_metrics_rank_each_query_by_the_score_of_its_logits():
     assert "ndcg" not in no_gain  # undefined, not a made-up 0 or 1
     with pytest.raises(RuntimeError, match="for 4 pairs, but the split has 5"):
         held_out_metrics(groups)(EvalPrediction(predictions=logits[:4], label_ids=labels[:4]))
+
+
+def test_breakdown_gives_each_slice_its_own_metrics_by_hand():
+    by = np.array(["us", "us", "us", "us", "jp", "jp"])
+    groups = np.array([1, 1, 2, 2, 3, 3])
+    y_true = np.array([E, I, E, S, I, I])
+    y_pred = np.array([E, I, S, S, I, E])
+    scores = np.array([0.9, 0.1, 0.2, 0.8, 0.3, 0.6])  # query 2 ranks its S above its E
+    out = breakdown(by, y_true, y_pred, scores, groups)
+    assert list(out) == ["jp", "us"]
+    assert out["us"]["n"] == 4 and out["us"]["accuracy"] == pytest.approx(3 / 4)
+    assert out["us"]["majority_accuracy"] == pytest.approx(2 / 4)
+    idcg = 1.0 + 0.1 / np.log2(3)
+    assert out["us"]["ndcg"] == pytest.approx((1.0 + (0.1 + 1.0 / np.log2(3)) / idcg) / 2)
+    assert out["jp"]["accuracy"] == pytest.approx(1 / 2) and out["jp"]["ndcg"] is None  # only I items: undefined
+    assert breakdown(by, y_true, y_pred, scores, None)["us"]["ndcg"] is None

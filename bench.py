@@ -6,8 +6,8 @@ In one process, on the same model and the same pairs, with interleaved repeats:
   Qwen3-Reranker transformers example adapted to 4 labels: left padding, batches in input order
   padded to their longest, a full-vocabulary forward, then ``logits[:, -1, label_ids]``;
 * **train**: train.py's ``LabelHeadTrainer.training_step`` (each random step cut into length-sorted
-  micro-batches, the shared prefix run once, 4-row head, CE over 4 logits; one packed row when
-  flash-attn + CUDA are available) against a stock ``Trainer.training_step`` on a causal-LM batch:
+  micro-batches, the shared prefix run once, 4-row head, CE over 4 logits; one packed row on a
+  CUDA GPU in bf16, through flash-attn or PyTorch's own varlen kernel) against a stock ``Trainer.training_step`` on a causal-LM batch:
   the label word appended, padded to the longest, LM loss over the full vocabulary on it. Both
   sides see the *same random steps* (same seed, same rows per step) and train the same LoRA
   weights with AdamW.
@@ -195,6 +195,7 @@ def reference_process(args) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).eval()
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # where eval.py scores: the same device on both sides
     df = pd.read_parquet(args.eval_file)
     token_ids = published_token_ids(tokenizer, df["query"].tolist(), df["item_text"].tolist(), args.max_length)
     probs = reference_eval(model, tokenizer, token_ids, label_token_ids(tokenizer), args.eval_batch_size)

@@ -122,11 +122,11 @@ def _parameters(kernel) -> frozenset:
 def _cuda_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling: float | None) -> torch.Tensor:
     """``q [T, H, D]``, ``k/v [S, H_kv, D]`` -> ``[T, H, D]`` through PyTorch's varlen flash kernel, causal."""
     kernel = torch_varlen_kernel()
-    params = _parameters(kernel)  # the signature changed across torch 2.9 - 2.12
+    params = _parameters(kernel)  # the signature changed across torch 2.10 - 2.12
     kwargs = {}
     if "scale" in params:
         kwargs["scale"] = scaling
-    elif scaling is not None:  # torch 2.9/2.10 scale by 1/sqrt(D) only
+    elif scaling is not None:  # torch 2.10 scales by 1/sqrt(D) only
         q = q * (scaling * q.shape[-1] ** 0.5)
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = True

@@ -70,10 +70,19 @@ def test_packed_flash_attention_step_equals_padded_sdpa_step(tiny_model_dir, qwe
 
 @torch_varlen
 @pytest.mark.parametrize("reuse_prefix", [False, True])
-def test_packed_torch_varlen_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer, reuse_prefix):
+def test_packed_torch_varlen_step_equals_padded_sdpa_step(tiny_model_dir, qwen3_tokenizer, reuse_prefix,
+                                                           monkeypatch):
     """PyTorch's own varlen kernel (no flash-attn installed), with or without the prefix, against the padded step."""
+    calls, kernel_call = [], varlen._cuda_varlen
+
+    def counted(*args, **kwargs):  # varlen_attention falls back to per-prompt sdpa where the kernel cannot run
+        calls.append(1)
+        return kernel_call(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "_cuda_varlen", counted)
     (packed_loss, packed_grads), (padded_loss, padded_grads) = _packed_step_against_padded_step(
         tiny_model_dir, qwen3_tokenizer, varlen.VARLEN_ATTENTION, reuse_prefix)
+    assert calls  # the packed step ran through PyTorch's kernel, not the fallback
     assert abs(packed_loss - padded_loss) < 2e-2
     _assert_same_grads(packed_grads, padded_grads)
 

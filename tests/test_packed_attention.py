@@ -147,7 +147,7 @@ def _kernel_semantics(q, k, v, cu_q, cu_k, causal: bool, scale=None):
     return varlen.per_prompt_sdpa(heads_first(q), heads_first(k), heads_first(v), cu_q, cu_k, scale)[0].transpose(0, 1)
 
 
-def kernel_torch_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+def kernel_torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
     return _kernel_semantics(query, key, value, cu_seq_q, cu_seq_k, is_causal)
 
 
@@ -163,9 +163,9 @@ def kernel_torch_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, re
     return _kernel_semantics(query, key, value, cu_seq_q, cu_seq_k, tuple(window_size) == (-1, 0), scale)
 
 
-@pytest.mark.parametrize("kernel", [kernel_torch_2_9, kernel_torch_2_11, kernel_torch_2_12])
+@pytest.mark.parametrize("kernel", [kernel_torch_2_10, kernel_torch_2_11, kernel_torch_2_12])
 def test_cuda_kernel_call_adapts_to_each_torch_signature(kernel, monkeypatch):
-    """PyTorch's varlen_attn changed its signature from 2.9 to 2.12 (``is_causal`` -> ``window_size``; ``scale``
+    """PyTorch's varlen_attn (new in 2.10) changed its signature up to 2.12 (``is_causal`` -> ``window_size``; ``scale``
     and ``enable_gqa`` added). Our call gives the same attention under each, with GQA heads and a non-default
     scale, as the per-prompt sdpa path, here through stand-ins with each documented signature."""
     monkeypatch.setattr(varlen, "torch_varlen_kernel", lambda: kernel)

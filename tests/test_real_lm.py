@@ -130,3 +130,46 @@ def test_train_py_learns_as_well_as_a_plain_random_batch_loop_on_a_real_lm(smoll
     majority = float(test_df["esci_label"].value_counts(normalize=True).max())
     assert ref_accuracy > majority + 0.1, (ref_accuracy, majority)  # learnable in this budget
     assert accuracy >= ref_accuracy - 0.05, (accuracy, recalls, ref_accuracy, ref_recalls)
+
+
+def test_both_exports_of_an_adapter_on_a_llama_base_score_like_the_adapter(smollm2_dir, rr, tmp_path):
+    """export.py on another architecture than Qwen3: the merged LlamaForCausalLM and the
+    LlamaForSequenceClassification give the adapter's probabilities, with a stored temperature."""
+    import json
+
+    import export as export_cli
+    from modeling import apply_lora, attach_label_head, load_base_model, save_reranker_config
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(SEED)
+    adapter = str(tmp_path / "lora")
+    model = apply_lora(attach_label_head(load_base_model(smollm2_dir), label_token_ids(rr.tokenizer)),
+                       r=8, alpha=16, dropout=0.0, target_modules="q_proj,v_proj")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    model.save_pretrained(adapter)
+    rr.tokenizer.save_pretrained(adapter)
+    save_reranker_config(adapter, rr.tokenizer, smollm2_dir, temperature=1.7)
+    expected = Reranker.from_pretrained(smollm2_dir, adapter, device="cpu", dtype="fp32").predict_probs(QUERIES, DOCS)
+    assert np.abs(expected - rr.predict_probs(QUERIES, DOCS)).max() > 1e-2  # the adapter changes the scores
+
+    for fmt in ("merged", "seq_cls"):
+        assert export_cli.main(["--base_model", smollm2_dir, "--lora_model", adapter, "--format", fmt,
+                                "--output_dir", str(tmp_path / fmt)]) == 0
+    with open(tmp_path / "merged" / "config.json") as f:
+        assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+    merged = Reranker.from_pretrained(str(tmp_path / "merged"), device="cpu", dtype="fp32")
+    np.testing.assert_allclose(merged.predict_probs(QUERIES, DOCS), expected, atol=1e-4, rtol=0)
+
+    folder = str(tmp_path / "seq_cls")
+    with open(os.path.join(folder, "reranker_prompt.json")) as f:
+        spec = json.load(f)
+    classifier = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert type(classifier).__name__ == "LlamaForSequenceClassification"
+    prompts = [spec["template"].format(query=q, document=d) for q, d in zip(QUERIES, DOCS)]
+    with torch.no_grad():  # one prompt at a time: no padding convention involved
+        probs = np.stack([classifier(**rr.tokenizer(p, add_special_tokens=False, return_tensors="pt")).logits[0]
+                          .float().softmax(-1).numpy() for p in prompts])
+    np.testing.assert_allclose(probs, expected, atol=1e-4, rtol=0)

@@ -193,8 +193,8 @@ def build_report(df: pd.DataFrame, logits: np.ndarray, probs: np.ndarray, temper
     """
     y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
     groups = query_groups(df).to_numpy()
-    raw = probs_from_logits(logits)
-    report = evaluation_report(y_true, raw, scores_from_probs(probs), groups, temperature=temperature["value"],
+    raw, scores = probs_from_logits(logits), scores_from_probs(probs)
+    report = evaluation_report(y_true, raw, scores, groups, temperature=temperature["value"],
                                n_worst=N_SHOWN)
     report["temperature"] = temperature
     if temperature["value"] is not None:
@@ -205,8 +205,7 @@ def build_report(df: pd.DataFrame, logits: np.ndarray, probs: np.ndarray, temper
         report["calibration"].update(ndcg_before=without_t, ndcg_after=with_t)
     report["worst_queries"] = describe_worst_queries(report["worst_queries"], df)
     if LOCALE_COLUMN in df.columns and df[LOCALE_COLUMN].nunique(dropna=False) > 1:  # e.g. prepare_esci --locale all
-        report["by_locale"] = breakdown(df[LOCALE_COLUMN].to_numpy(), y_true, probs.argmax(axis=1),
-                                        scores_from_probs(probs), groups)
+        report["by_locale"] = breakdown(df[LOCALE_COLUMN].to_numpy(), y_true, probs.argmax(axis=1), scores, groups)
     return report
 
 

@@ -44,6 +44,7 @@ from modeling import (
     parse_target_modules,
     resolve_dtype,
 )
+from metrics import NDCG_GAINS
 from reranker import check_base_model_kind
 from tokenized import tokenize_split
 from training import (
@@ -243,7 +244,7 @@ def load_training_data(args: argparse.Namespace):
                                 "on (--load_best_model_at_end); train without it, or on more queries")
         logger.warning("only one query in %s: no held-out split, periodic evaluation is off", args.train_file)
     if (args.load_best_model_at_end and args.metric_for_best_model == "ndcg" and len(eval_df)
-            and eval_df["esci_label"].eq("I").all()):
+            and not eval_df["esci_label"].map(NDCG_GAINS).gt(0).any()):
         raise ESCIDataError(f"{args.train_file}: no held-out query has an E, S or C item, so held-out nDCG is "
                             "undefined and cannot pick the best checkpoint; use another --metric_for_best_model or "
                             "--eval_ratio/--seed")

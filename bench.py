@@ -33,7 +33,9 @@ import time
 import numpy as np
 import torch
 
-from bench_reference import (
+from esci_dataset import LABELS, PromptEncoder, label_token_ids
+from tiny_reranker import compat
+from tiny_reranker.benchmark import (
     PeakMemory,
     load_bench_model,
     naive_batches,
@@ -41,10 +43,13 @@ from bench_reference import (
     reference_eval,
     synthetic_pairs,
 )
-from cli_utils import ArgumentParser, positive_int, write_json
-from esci_dataset import LABELS, PromptEncoder, label_token_ids
-from modeling import apply_lora, attach_label_head, detach_label_head, resolve_dtype
-from reranker import Reranker
+from tiny_reranker.cli import ArgumentParser, positive_int
+from tiny_reranker.io import write_json
+from tiny_reranker.modeling import apply_lora, attach_label_head, detach_label_head, resolve_dtype
+from tiny_reranker.reranker import Reranker
+from tiny_reranker.train_config import TrainerConfig, training_arguments
+from tiny_reranker.trainer import LabelHeadTrainer, check_packed_steps, step_collator
+
 
 def make_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,25 +95,17 @@ def bench_trainers(model, tokenizer, encoder, batch_size: int, workdir: str, che
     """
     from transformers import Trainer
 
-    import train as train_cli
-    import training
-
-    args = train_cli.make_parser().parse_args(["--base_model", "-", "--train_file", "-", "--output_dir", workdir,
-                                               "--per_device_train_batch_size", str(batch_size)])
-    targs = training.training_arguments(args, next(model.parameters()).dtype, eval_enabled=False)
+    config = TrainerConfig(output_dir=workdir, per_device_train_batch_size=batch_size)  # train.py's defaults
+    targs = training_arguments(config, next(model.parameters()).dtype, eval_enabled=False)
     sides = {"naive": (Trainer(model=model, args=targs), None, [])}
     for side, reuse in (("ours", True), ("ours_prefix_in_every_row", False)):
-        collator, prefix_ids = training.step_collator(model, tokenizer, encoder, args, n_gpu=1, reuse_prefix=reuse)
-        trainer = training.LabelHeadTrainer(model=model, args=targs, data_collator=collator, prefix_ids=prefix_ids)
-        training.check_packed_steps(trainer, check_rows, args.max_micro_batches)  # as train.py does
+        collator, prefix_ids = step_collator(model, tokenizer, encoder, config, n_gpu=1, reuse_prefix=reuse)
+        trainer = LabelHeadTrainer(model=model, args=targs, data_collator=collator, prefix_ids=prefix_ids)
+        check_packed_steps(trainer, check_rows, config.max_micro_batches)  # as train.py does
         sides[side] = (trainer, trainer.data_collator, prefix_ids)
     for trainer, _, _ in sides.values():
-        trainer.current_gradient_accumulation_steps = 1  # set per step by Trainer.train(), which we do not run
+        compat.prepare_manual_steps(trainer)  # what Trainer.train(), which we do not run, sets per step
     return sides
-
-
-def causal_lm_attn(model) -> str:
-    return model.get_base_model().config._attn_implementation
 
 
 def run_epoch(trainer, model, batches, optimizer, device) -> float:

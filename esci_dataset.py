@@ -24,9 +24,9 @@ Prompt (Qwen3-Reranker style; the model's answer is the next token)::
 from __future__ import annotations
 
 import os
-import uuid
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -178,10 +178,12 @@ def plain_text_tokenizer(tokenizer):
     flagged special. Without any added tokens, such strings fall through to BPE and come
     out as ordinary text pieces. The copy shares the backend's BPE model, normalizer,
     pre-tokenizer and decoder (none of them is ever changed) and has no post-processor,
-    so building it costs microseconds; it is kept on the tokenizer object.
+    so building it costs microseconds; it is built once per tokenizer object.
     """
-    cached = getattr(tokenizer, "_plain_text_backend", None)
-    if cached is not None or not getattr(tokenizer, "is_fast", False):
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    cached = _PLAIN_TEXT_BACKENDS.get(tokenizer)
+    if cached is not None:
         return cached
     from tokenizers import Tokenizer
 
@@ -190,8 +192,11 @@ def plain_text_tokenizer(tokenizer):
     for part in ("normalizer", "pre_tokenizer", "decoder"):
         if getattr(backend, part) is not None:
             setattr(plain, part, getattr(backend, part))
-    tokenizer._plain_text_backend = plain
+    _PLAIN_TEXT_BACKENDS[tokenizer] = plain
     return plain
+
+
+_PLAIN_TEXT_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its plain backend
 
 
 class PromptEncoder:
@@ -258,23 +263,38 @@ class PromptEncoder:
         return self.encode_batch([query], [doc])[0]
 
 
-class ESCIMultiClassRerankDataset(Dataset):
-    """Tokenized ESCI pairs. Items: ``{"input_ids", "attention_mask", "labels"}``.
+def encode_rows(encoder: PromptEncoder, queries: Sequence[str], docs: Sequence[str], labels: Sequence[str]) -> dict:
+    """Labelled pairs as token columns, the one definition of a training row (the in-memory dataset below and
+    ``tiny_reranker.data_cache``'s Arrow cache both store exactly this):
 
-    ``labels`` is an int 0..3 in ``LABELS`` order. Tokenization happens once,
-    up front, in batches (fast tokenizers make this seconds per 100k rows).
+    * ``input_ids``: prompt token ids (:meth:`PromptEncoder.encode_batch`);
+    * ``labels``: the class index in ``LABELS`` order;
+    * ``length``: ``len(input_ids)``.
+    """
+    ids = encoder.encode_batch(queries, docs)
+    return {"input_ids": ids, "labels": [LABEL_TO_ID[label] for label in labels], "length": [len(row) for row in ids]}
+
+
+class ESCIMultiClassRerankDataset(Dataset):
+    """Tokenized ESCI pairs in memory. Items: ``{"input_ids", "attention_mask", "labels"}``.
+
+    ``labels`` is an int 0..3 in ``LABELS`` order. Tokenization happens once, up front, in
+    batches (:func:`encode_rows`). ``train.py`` uses the same rows memory-mapped from its
+    cache instead (``tiny_reranker.data_cache``), so that many ranks share one copy.
     """
 
     def __init__(self, df: pd.DataFrame, tokenizer, max_length: int = 512, encode_batch_size: int = 4096,
                  template: PromptTemplate = DEFAULT_TEMPLATE):
         encoder = self.encoder = PromptEncoder(tokenizer, max_length, template)
-        queries, docs = df["query"].tolist(), df["item_text"].tolist()
+        queries, docs, labels = df["query"].tolist(), df["item_text"].tolist(), df["esci_label"].tolist()
         self.input_ids: list[np.ndarray] = []
+        label_ids: list[int] = []
         for start in range(0, len(df), encode_batch_size):
             stop = start + encode_batch_size
-            for ids in encoder.encode_batch(queries[start:stop], docs[start:stop]):
-                self.input_ids.append(np.asarray(ids, dtype=np.int32))
-        self.labels = df["esci_label"].map(LABEL_TO_ID).to_numpy(dtype=np.int64)
+            rows = encode_rows(encoder, queries[start:stop], docs[start:stop], labels[start:stop])
+            self.input_ids += [np.asarray(ids, dtype=np.int32) for ids in rows["input_ids"]]
+            label_ids += rows["labels"]
+        self.labels = np.asarray(label_ids, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -343,24 +363,6 @@ def read_table(path: str) -> pd.DataFrame:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises many types for unreadable files
         raise ESCIDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
-
-
-def atomic_write(path: str, write: "Callable[[str], None]") -> None:
-    """``write(tmp)`` into a hidden temp file next to ``path``, then ``os.replace`` it onto ``path``.
-
-    A crash leaves at most a stray ``.<name>.*.tmp`` file, never a truncated ``path``.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], path: str) -> None:

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 
 import numpy as np
 import pandas as pd
 
-import sharding
-from cli_utils import (
+from esci_dataset import LABEL_TO_ID, LABELS, ESCIDataError, load_esci_parquet, query_groups
+from tiny_reranker import distributed
+from tiny_reranker.cli import (
     ArgumentParser,
     HelpFormatter,
     add_inference_args,
@@ -44,19 +44,18 @@ from cli_utils import (
     positive_int,
     reranker_from_args,
     save_or_fallback,
-    write_json,
+    set_up_logging,
 )
-from esci_dataset import LABEL_TO_ID, LABELS, ESCIDataError, load_esci_parquet, query_groups
-from metrics import breakdown, evaluation_report, format_report, mean_ndcg
-from modeling import LABEL_CONFIG_NAME
-from reranker import (
+from tiny_reranker.contract import LABEL_CONFIG_NAME, stored_temperature
+from tiny_reranker.io import write_json
+from tiny_reranker.metrics import breakdown, evaluation_report, format_report, mean_ndcg
+from tiny_reranker.model_files import check_model_paths
+from tiny_reranker.scoring import (
     OUTPUT_COLUMNS,
     PROB_COLUMNS,
-    check_model_paths,
     prediction_columns,
     probs_from_logits,
     scores_from_probs,
-    stored_temperature,
 )
 
 logger = logging.getLogger("eval")
@@ -255,7 +254,7 @@ def logged(what: str, path: str, rc: int) -> int:
 
 def write_plots(df: pd.DataFrame, logits: np.ndarray, temperature: dict, metrics_path: str) -> int:
     """The four PNGs next to the metrics JSON: the raw model, with the temperature's reliability beside it."""
-    from plots import plot_eval  # matplotlib loads only when plots are drawn
+    from tiny_reranker.plots import plot_eval
 
     y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
     calibrated = probs_from_logits(logits, temperature["value"]) if temperature["value"] is not None else None
@@ -274,10 +273,8 @@ def write_plots(df: pd.DataFrame, logits: np.ndarray, temperature: dict, metrics
 def main(argv: list[str] | None = None) -> int:
     # 1. Arguments, processes, logging (under torchrun only rank 0 logs progress) ------
     args = make_parser().parse_args(argv)
-    shard = sharding.start()  # torchrun: this rank's share of the rows; one process: all of them
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if shard.is_main else logging.WARNING)
-    logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
+    shard = distributed.start()  # torchrun: this rank's share of the rows; one process: all of them
+    set_up_logging(logger, args, shard.is_main)
     metrics_path = args.metrics_path or os.path.join(args.lora_model or ".", "eval_metrics.json")
 
     # 2. Checks before the slow steps, then data and model ------------------------------

@@ -30,23 +30,29 @@ subfolders) and logs what it removed; any other non-empty folder is refused.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-import sys
 import uuid
 
 import torch
 
-from cli_utils import ArgumentParser, HelpFormatter, check_output_dir, cli_error, write_json
-from esci_dataset import SCORE_WEIGHTS, LABELS, PROMPT_VERSION, ESCIDataError, PromptTemplate, label_words
-from modeling import LABEL_CONFIG_NAME, detach_label_head, read_reranker_config, reranker_config
-from reranker import check_model_paths, load_reranker, stored_temperature, stored_template
+from esci_dataset import LABELS, ESCIDataError
+from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, set_up_logging
+from tiny_reranker.contract import (
+    PROMPT_FILE,
+    prompt_spec,
+    read_reranker_config,
+    save_reranker_config,
+    stored_temperature,
+    stored_template,
+)
+from tiny_reranker.io import write_json
+from tiny_reranker.model_files import check_model_paths
+from tiny_reranker.modeling import detach_label_head, load_reranker
 
 logger = logging.getLogger("export")
 
-PROMPT_FILE = "reranker_prompt.json"
 FORMATS = ("merged", "seq_cls")
 
 
@@ -63,39 +69,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------
-# The prompt, written down for code that does not import esci_dataset
-# ---------------------------------------------------------------------------
-def prompt_template(template: PromptTemplate) -> str:
-    """The full prompt with ``{query}`` and ``{document}`` slots, ready for ``str.format`` (literal braces escaped)."""
-    escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
-    return escape(template.head) + " {query}" + escape(template.middle) + " {document}" + escape(template.tail)
-
-
-def prompt_spec(tokenizer, label_ids: list[int], template: PromptTemplate, instruction: str | None,
-                temperature: float = 1.0) -> dict:
-    """Everything a client needs to build the exact prompt and turn the four outputs into a score.
-
-    ``temperature``: what the client divides the four outputs by before the softmax (1.0 when none
-    was fitted, or when it is already folded into the weights).
-    """
-    return {
-        "prompt_version": PROMPT_VERSION,
-        "template": prompt_template(template),
-        "prefix": template.head,
-        "suffix": template.tail,
-        "instruction": instruction,
-        "labels": list(LABELS),
-        "label_words": label_words(tokenizer),
-        "label_token_ids": label_ids,
-        "score_weights": [SCORE_WEIGHTS[label] for label in LABELS],
-        "temperature": temperature,
-        "score": "sum(score_weights * p) / 3 = (3*p_E + 2*p_S + 1*p_C + 0*p_I) / 3, p = softmax(outputs / temperature) "
-                 "over the 4 outputs",
-        "notes": "prompt = template.format(query=query, document=item_text); the tokenizer adds no special "
-                 "tokens. Read the output at the LAST prompt token. Training truncated only the document "
-                 "to fit max_length; engines do not, so cut long item texts before sending them.",
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -155,8 +128,7 @@ def save_export(model, tokenizer, label_ids: list[int], base_model: str, lora_mo
     # "temperature" is always what to divide THIS folder's outputs by: nothing is left to apply once folded.
     to_apply = None if folded else temperature
     extra = {"temperature_folded_into_score_weight": temperature} if folded and temperature is not None else {}
-    write_json(os.path.join(folder, LABEL_CONFIG_NAME),
-               {**reranker_config(tokenizer, base_model, template, instruction, to_apply), **extra})
+    save_reranker_config(folder, tokenizer, base_model, template, instruction, to_apply, extra)
     write_json(os.path.join(folder, PROMPT_FILE),
                {**prompt_spec(tokenizer, label_ids, template, instruction, to_apply or 1.0), **extra})
 
@@ -224,8 +196,7 @@ def check_export_target(output_dir: str, overwrite: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     # 1. Arguments and checks ----------------------------------------------------
     args = make_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
-    logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
+    set_up_logging(logger, args)
     try:
         # Where we would write comes first: an export must never touch its own inputs, whatever state they are in.
         check_apart_from_inputs(args.output_dir, {"--lora_model": args.lora_model, "--base_model": args.base_model})

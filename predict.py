@@ -1,7 +1,7 @@
 """Score (query, item_text) pairs with a trained reranker: a file in, the same rows plus predictions out.
 
 Added columns: p_E, p_S, p_C, p_I (softmax over the four labels), score = (3·p_E + 2·p_S + p_C) / 3
-and pred_label (the argmax). Scoring is reranker.Reranker, the same path as eval.py.
+and pred_label (the argmax). Scoring is tiny_reranker.Reranker, the same path as eval.py.
 
 Files:   python predict.py --base_model Qwen/Qwen3-0.6B --lora_model outputs/lora --input pairs.parquet --output scored.parquet
 Stdin:   echo '{"query": "usb c charger", "items": ["Anker 65W charger", "HDMI cable"]}' | python predict.py --base_model ... --input -
@@ -40,22 +40,23 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-import sharding
-from cli_utils import (
+from esci_dataset import ESCIDataError, read_table, require_columns, validate_text_column
+from tiny_reranker import distributed
+from tiny_reranker.cli import (
     ArgumentParser,
     HelpFormatter,
     add_inference_args,
     check_output_file,
     cli_error,
-    dumps_strict,
     reranker_from_args,
     save_or_fallback,
+    set_up_logging,
 )
-from esci_dataset import ESCIDataError, read_table, require_columns, validate_text_column
-from reranker import (
+from tiny_reranker.io import dumps_strict
+from tiny_reranker.model_files import check_model_paths
+from tiny_reranker.scoring import (
     OUTPUT_COLUMNS,
     PROB_COLUMNS,
-    check_model_paths,
     prediction_columns,
     prediction_records,
     probs_from_logits,
@@ -285,7 +286,7 @@ def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
 
 def write_output(path: str, ext: str, df: pd.DataFrame | None, records: list[dict] | None) -> None:
     """Write a scored table (``df``) or scored JSON records to ``path`` in the format of ``ext``
-    (``path`` is the temp file of :func:`cli_utils.save_or_fallback`'s atomic write)."""
+    (``path`` is the temp file of ``cli.save_or_fallback``'s atomic write)."""
     if ext == ".jsonl":
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
@@ -337,10 +338,8 @@ def check_output_fits(args, records: list[dict] | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     # 1. Arguments, processes, logging (stderr only: stdout may carry the JSON lines) -----
     args = make_parser().parse_args(argv)
-    shard = sharding.start()  # torchrun: this rank's share of the pairs; one process: all of them
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-                        level=logging.INFO if shard.is_main else logging.WARNING)
-    logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
+    shard = distributed.start()  # torchrun: this rank's share of the pairs; one process: all of them
+    set_up_logging(logger, args, shard.is_main)  # stderr: stdout may carry the JSON lines
     if args.top_k is not None and args.top_k < 0:
         return cli_error(f"--top_k must be >= 0, got {args.top_k}")
 

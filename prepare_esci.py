@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import html
-import json
 import logging
 import os
 import re
@@ -47,8 +46,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from cli_utils import ArgumentParser, HelpFormatter, check_output_dir, cli_error, write_json
-from esci_dataset import LABELS, ESCIDataError, PromptEncoder, atomic_write, require_columns
+from esci_dataset import LABELS, ESCIDataError, PromptEncoder, require_columns
+from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, set_up_logging
+from tiny_reranker.io import atomic_write, write_json
 
 logger = logging.getLogger("prepare_esci")
 
@@ -406,8 +406,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.info("arguments: %s", json.dumps(vars(args)))
+    set_up_logging(logger, args)
     try:
         summary = prepare(args)
     except ESCIDataError as exc:

@@ -13,16 +13,12 @@ Several GPUs:     torchrun --nproc_per_node 4 train.py ...   (or NPROC=4 bash sc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 
 from transformers import set_seed
 
-from batching import DEFAULT_MAX_MICRO_BATCHES
-from checkpoints import check_resume_matches, prepare_output_dir, resolve_checkpoint
-from cli_utils import ArgumentParser, HelpFormatter, check_output_dir, cli_error, write_json
 from esci_dataset import (
     INSTRUCT,
     LABELS,
@@ -34,31 +30,40 @@ from esci_dataset import (
     query_groups,
     split_by_query,
 )
-from modeling import (
+from tiny_reranker.checkpoints import check_resume_matches, prepare_output_dir, resolve_checkpoint
+from tiny_reranker.cli import (
+    ArgumentParser,
+    HelpFormatter,
+    add_dtype_args,
+    check_output_dir,
+    cli_error,
+    dtype_flag,
+    set_up_logging,
+)
+from tiny_reranker.compat import optimizer_names
+from tiny_reranker.contract import save_run_contract
+from tiny_reranker.data_cache import tokenize_split
+from tiny_reranker.io import write_json
+from tiny_reranker.metrics import NDCG_GAINS
+from tiny_reranker.model_files import check_model_paths
+from tiny_reranker.modeling import (
     DEFAULT_LORA_TARGETS,
     apply_lora,
     attach_label_head,
-    check_hub_reachable,
     load_base_model,
     load_tokenizer,
     parse_target_modules,
     resolve_dtype,
 )
-from metrics import NDCG_GAINS
-from reranker import check_base_model_kind
-from tokenized import tokenize_split
-from training import (
-    BEST_MODEL_METRICS,
+from tiny_reranker.train_config import BEST_MODEL_METRICS, TrainerConfig, report_to_problem, training_arguments
+from tiny_reranker.trainer import (
     LabelHeadTrainer,
     SaveRunContract,
     check_packed_steps,
     fit_held_out_temperature,
     held_out_metrics,
     non_finite_parameters,
-    report_to_problem,
-    save_run_contract,
     step_collator,
-    training_arguments,
 )
 
 logger = logging.getLogger("train")
@@ -83,32 +88,30 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="train on a seeded random sample of this many rows of the training split (quick runs); "
                         "the held-out split is unchanged, and the log says how many rows were left out")
-    g.add_argument("--seed", type=int, default=42, help="seed for the split, the --max_train_samples sample, LoRA init "
+    g.add_argument("--seed", type=int, default=TrainerConfig.seed, help="seed for the split, the --max_train_samples sample, LoRA init "
                                                         "and data order")
     g.add_argument("--preprocessing_num_workers", type=int, default=None,
                    help="processes that tokenize the data when it is not cached yet (in --output_dir/.tokenized); "
                         "default: 1 below 50k rows or on 2 cores or fewer, else one per core up to 8")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--per_device_train_batch_size", type=int, default=16, help="pairs per device per step (drawn at random)")
-    g.add_argument("--per_device_eval_batch_size", type=int, default=32, help="pairs per device per eval step")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
-    g.add_argument("--num_train_epochs", type=float, default=1.0, help="passes over the training split")
-    g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (overrides epochs when > 0)")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (LoRA weights only)")
-    g.add_argument("--warmup_ratio", type=float, default=0.03, help="fraction of steps spent warming up linearly")
-    g.add_argument("--lr_scheduler_type", type=str, default="linear", help="transformers scheduler name: linear, cosine, constant, ...")
-    g.add_argument("--optim", type=str, default="adamw_torch", help="transformers optimizer name (adamw_torch, sgd, ...)")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="decoupled weight decay on the LoRA weights")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="training dtype; auto = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
-    g.add_argument("--bf16", action="store_true", help="shorthand for --dtype bf16")
+    g.add_argument("--per_device_train_batch_size", type=int, default=TrainerConfig.per_device_train_batch_size, help="pairs per device per step (drawn at random)")
+    g.add_argument("--per_device_eval_batch_size", type=int, default=TrainerConfig.per_device_eval_batch_size, help="pairs per device per eval step")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=TrainerConfig.gradient_accumulation_steps, help="batches per optimizer step")
+    g.add_argument("--num_train_epochs", type=float, default=TrainerConfig.num_train_epochs, help="passes over the training split")
+    g.add_argument("--max_steps", type=int, default=TrainerConfig.max_steps, help="stop after this many optimizer steps (overrides epochs when > 0)")
+    g.add_argument("--learning_rate", type=float, default=TrainerConfig.learning_rate, help="peak learning rate (LoRA weights only)")
+    g.add_argument("--warmup_ratio", type=float, default=TrainerConfig.warmup_ratio, help="fraction of steps spent warming up linearly")
+    g.add_argument("--lr_scheduler_type", type=str, default=TrainerConfig.lr_scheduler_type, help="transformers scheduler name: linear, cosine, constant, ...")
+    g.add_argument("--optim", type=str, default=TrainerConfig.optim, help="transformers optimizer name (adamw_torch, sgd, ...)")
+    g.add_argument("--weight_decay", type=float, default=TrainerConfig.weight_decay, help="decoupled weight decay on the LoRA weights")
+    add_dtype_args(g, "training dtype")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in backward to save memory (non-reentrant; turns off shared-prefix reuse)")
     g.add_argument("--no_flash_attn", action="store_true", help="force PyTorch sdpa attention even when flash-attn is installed")
 
     g = p.add_argument_group("batching (how a step's random batch is laid out; the gradient is the same)")
-    g.add_argument("--max_micro_batches", type=int, default=DEFAULT_MAX_MICRO_BATCHES,
+    g.add_argument("--max_micro_batches", type=int, default=TrainerConfig.max_micro_batches,
                    help="cut each step's batch into at most N length-sorted micro-batches to skip padding (1 = one padded batch)")
     g.add_argument("--group_by_length", action="store_true",
                    help="RISKY, off by default: let the sampler put similar lengths in the same step. Less padding, but "
@@ -133,20 +136,20 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fit no temperature: every scoring path uses the raw logits")
 
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--logging_steps", type=int, default=10, help="log loss and learning rate every N steps")
-    g.add_argument("--save_steps", type=int, default=500, help="save a checkpoint every N steps")
+    g.add_argument("--logging_steps", type=int, default=TrainerConfig.logging_steps, help="log loss and learning rate every N steps")
+    g.add_argument("--save_steps", type=int, default=TrainerConfig.save_steps, help="save a checkpoint every N steps")
     g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N steps (default: --save_steps)")
-    g.add_argument("--save_total_limit", type=int, default=3, help="keep at most N checkpoints")
+    g.add_argument("--save_total_limit", type=int, default=TrainerConfig.save_total_limit, help="keep at most N checkpoints")
     g.add_argument("--load_best_model_at_end", action="store_true",
                    help="end with the checkpoint that scored best on the held-out split (--metric_for_best_model) "
                         "instead of the last step; it becomes the saved adapter and is kept by --save_total_limit. "
                         "Needs --eval_ratio > 0 and --save_steps a multiple of --eval_steps")
-    g.add_argument("--metric_for_best_model", choices=BEST_MODEL_METRICS, default="ndcg",
+    g.add_argument("--metric_for_best_model", choices=BEST_MODEL_METRICS, default=TrainerConfig.metric_for_best_model,
                    help="held-out metric that picks the best checkpoint: ndcg (ESCI task 1, the ranking), loss "
                         "(lower is better), accuracy or macro_f1")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="checkpoint folder to continue from, or 'latest' for the newest complete one in --output_dir")
-    g.add_argument("--report_to", type=str, default="none", help="'none', 'wandb' or 'tensorboard' (comma list allowed)")
+    g.add_argument("--report_to", type=str, default=TrainerConfig.report_to, help="'none', 'wandb' or 'tensorboard' (comma list allowed)")
     g.add_argument("--wandb_run_name", type=str, default=None, help="W&B run name (the project comes from WANDB_PROJECT)")
     return p
 
@@ -193,31 +196,18 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.preprocessing_num_workers is not None and args.preprocessing_num_workers < 1:
         parser.error(f"--preprocessing_num_workers must be at least 1, got {args.preprocessing_num_workers}")
     from transformers import SchedulerType
-    from transformers.training_args import OptimizerNames
 
-    for flag, names in (("optim", OptimizerNames), ("lr_scheduler_type", SchedulerType)):
-        if getattr(args, flag) not in {name.value for name in names}:
-            parser.error(f"--{flag} {getattr(args, flag)!r}: not a transformers name; use one of "
-                         f"{', '.join(name.value for name in names)}")
+    for flag, names in (("optim", optimizer_names()), ("lr_scheduler_type", [name.value for name in SchedulerType])):
+        if getattr(args, flag) not in names:
+            parser.error(f"--{flag} {getattr(args, flag)!r}: not a transformers name; use one of {', '.join(names)}")
     if (problem := report_to_problem(args.report_to)):
         parser.error(f"--report_to {args.report_to}: {problem}")
-    if args.bf16:
-        args.dtype = "bf16"
+    args.dtype = dtype_flag(args)  # --bf16 folded in once; run_config.json records the dtype that ran
 
 
 # ---------------------------------------------------------------------------
 # Set-up and wrap-up steps of main()
 # ---------------------------------------------------------------------------
-def set_up_logging(args: argparse.Namespace, process_index: int) -> bool:
-    """INFO on the main process (which logs the flags once), warnings only on the others. True on the main one."""
-    is_main = process_index == 0
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if is_main else logging.WARNING)
-    if is_main:
-        logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
-    return is_main
-
-
 def prepare_run(args: argparse.Namespace, is_main: bool, run_config: dict) -> str | None:
     """Check --output_dir, find the checkpoint to resume (same model, data and best-checkpoint flags only; see
     ``checkpoints.check_resume_matches``) and clear or keep old runs. ``run_config``: the flags and world size."""
@@ -259,12 +249,8 @@ def tokenize_splits(train_df, eval_df, encoder: PromptEncoder, args: argparse.Na
     return train_ds, eval_ds
 
 
-def load_base(args: argparse.Namespace, load, check_hub: bool = True):
+def load_base(args: argparse.Namespace, load):
     """``load(--base_model)`` (its tokenizer or model); a folder or hub id that cannot be loaded is a user error."""
-    if check_hub:
-        if os.path.isdir(os.path.expanduser(args.base_model)):
-            check_base_model_kind(os.path.expanduser(args.base_model))  # not an adapter, not a seq_cls export
-        check_hub_reachable(args.base_model, "--base_model")
     try:
         return load(args.base_model)
     except (OSError, ValueError) as exc:
@@ -317,7 +303,7 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
     """Rank 0: the contract (with the fitted temperature), train_metrics.json, the curves, and a summary."""
     output_dir = trainer.args.output_dir
     temperature = metrics.get("calibration", {}).get("temperature")
-    save_run_contract(output_dir, tokenizer, encoder, run_config, temperature)
+    save_run_contract(output_dir, tokenizer, encoder.template, run_config, temperature)
     write_json(os.path.join(output_dir, "train_metrics.json"), {**metrics, "log_history": trainer.state.log_history})
     if "eval" in metrics:
         e = metrics["eval"]
@@ -331,7 +317,7 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
                     c["ece_before"], c["ece_after"])
     elif c:
         logger.warning("no temperature stored: %s. Scoring will use the raw logits.", c["not_stored"])
-    from plots import plot_training  # matplotlib loads only here, after training
+    from tiny_reranker.plots import plot_training
 
     curves = plot_training(trainer.state.log_history, os.path.join(output_dir, "train_curves.png"))
     if curves:
@@ -345,21 +331,23 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
 def main(argv: list[str] | None = None) -> int:
     # 1. Arguments and logging ---------------------------------------------------------------
     args = parse_args(argv)
-    dtype = resolve_dtype(args.dtype)
-    targs = training_arguments(args, dtype, eval_enabled=args.eval_ratio > 0)
-    is_main = set_up_logging(args, targs.process_index)
+    dtype, config = resolve_dtype(args.dtype), TrainerConfig.from_flags(vars(args))
+    targs = training_arguments(config, dtype, eval_enabled=args.eval_ratio > 0)
+    is_main = targs.process_index == 0
+    set_up_logging(logger, args, is_main)  # INFO and the flags on the main process, warnings on the others
     run_config = {**vars(args), "world_size": targs.world_size}
     try:
         # 2. Output folder and resume point; the data, split by query --------------------------
         resume = prepare_run(args, is_main, run_config)
         train_df, eval_df = load_training_data(args)
         if args.eval_ratio > 0 and len(eval_df) == 0:
-            targs = training_arguments(args, dtype, eval_enabled=False)
+            targs = training_arguments(config, dtype, eval_enabled=False)
         # 3. Tokenizer and prompt (--max_length checked against it), model; tokenized once per node
+        check_model_paths(args.base_model)  # a loadable base: not an adapter or seq_cls export, hub reachable
         tokenizer = load_base(args, load_tokenizer)
         encoder = PromptEncoder(tokenizer, args.max_length, build_template(args.instruction or INSTRUCT))
         label_ids = label_token_ids(tokenizer)
-        model = load_base(args, lambda path: load_base_model(path, dtype, args.no_flash_attn), check_hub=False)
+        model = load_base(args, lambda path: load_base_model(path, dtype, args.no_flash_attn))
         model.config.use_cache = False
         with targs.main_process_first(desc="tokenization"):
             train_ds, eval_ds = tokenize_splits(train_df, eval_df, encoder, args)
@@ -372,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         log_run_start(model, tokenizer, encoder, train_ds, label_ids, targs.n_gpu)
 
     # 5. Trainer: random steps, laid out by the step collator; the contract in every checkpoint
-    collator, prefix_ids = step_collator(model, tokenizer, encoder, args, targs.n_gpu)
+    collator, prefix_ids = step_collator(model, tokenizer, encoder, config, targs.n_gpu)
     trainer = LabelHeadTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, processing_class=tokenizer,
                                compute_metrics=held_out_metrics(query_groups(eval_df)) if eval_ds else None,
-                               callbacks=[SaveRunContract(tokenizer, encoder, run_config)], prefix_ids=prefix_ids)
+                               callbacks=[SaveRunContract(tokenizer, encoder.template, run_config)], prefix_ids=prefix_ids)
     check_packed_steps(trainer, train_ds, args.max_micro_batches)  # packed layout vs plain prompts, on the device
 
     # 6. Train; save the adapter (safetensors) and tokenizer; evaluate and calibrate on held-out queries

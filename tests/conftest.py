@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (pyproject's pytest pythonpath)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,7 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-import demo  # noqa: E402
+from tiny_reranker import demo_model  # noqa: E402
 
 
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, env: dict | None = None):
@@ -43,12 +42,12 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, en
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> str:
-    return demo.qwen3_tokenizer_dir()
+    return demo_model.qwen3_tokenizer_dir()
 
 
 @pytest.fixture(scope="session")
 def qwen3_tokenizer(tokenizer_dir):
-    from modeling import load_tokenizer
+    from tiny_reranker.modeling import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -56,13 +55,13 @@ def qwen3_tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A saved tiny Qwen3ForCausalLM (vocab 151936, real tokenizer) for the whole session."""
-    return demo.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny-qwen3"), seed=0)
+    return demo_model.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny-qwen3"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> tuple[str, str]:
     """Synthetic ESCI-like train/test parquet files (disjoint queries)."""
-    return demo.write_demo_data(str(tmp_path_factory.mktemp("data")), n_train_queries=240, n_test_queries=40)
+    return demo_model.write_demo_data(str(tmp_path_factory.mktemp("data")), n_train_queries=240, n_test_queries=40)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +70,14 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
     import torch
 
     from esci_dataset import label_token_ids
-    from modeling import DEFAULT_LORA_TARGETS, apply_lora, attach_label_head, load_base_model, load_tokenizer, save_reranker_config
+    from tiny_reranker.contract import save_reranker_config
+    from tiny_reranker.modeling import (
+        DEFAULT_LORA_TARGETS,
+        apply_lora,
+        attach_label_head,
+        load_base_model,
+        load_tokenizer,
+    )
 
     out_dir = str(tmp_path_factory.mktemp("adapter") / "lora")
     torch.manual_seed(0)
@@ -95,7 +101,7 @@ def lora_model(tiny_model_dir, qwen3_tokenizer):
     import torch
 
     from esci_dataset import label_token_ids
-    from modeling import apply_lora, attach_label_head, load_base_model
+    from tiny_reranker.modeling import apply_lora, attach_label_head, load_base_model
 
     torch.manual_seed(0)
     model = apply_lora(load_base_model(tiny_model_dir), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
@@ -109,6 +115,6 @@ def lora_model(tiny_model_dir, qwen3_tokenizer):
 @pytest.fixture(scope="session")
 def mixed_pairs():
     """10 synthetic ESCI rows over two queries, one item made much longer (mixed lengths)."""
-    df = demo.synthetic_esci(2, items_per_query=5, seed=3)
+    df = demo_model.synthetic_esci(2, items_per_query=5, seed=3)
     df.loc[1, "item_text"] += " with a much longer description" * 3
     return df

@@ -4,10 +4,11 @@ AdamW, linear decay, the 4-row label head, no layout tricks. Same data and steps
 import numpy as np
 import torch
 
-from batching import collate_left_padded
 from esci_dataset import LABEL_TO_ID, PromptEncoder, label_token_ids
-from modeling import apply_lora, attach_label_head, label_logits, load_base_model, load_tokenizer
-from reranker import score_token_ids
+from tests.helpers import score_token_ids
+from tiny_reranker.batching import collate_left_padded
+from tiny_reranker.forward import label_logits
+from tiny_reranker.modeling import apply_lora, attach_label_head, load_base_model, load_tokenizer
 
 
 def reference_loop(model_dir, train_df, *, steps: int, batch: int, lr: float, targets: str, max_len: int, seed: int):

@@ -32,10 +32,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import cli_utils
 from esci_dataset import ESCIDataError
 from prepare_esci import EXAMPLES_FILE, PRODUCTS_FILE, SOURCES_FILE
 from tests.test_prepare_esci import write_release
+from tiny_reranker import cli
+from tiny_reranker.io import write_json
 
 
 class Case(NamedTuple):
@@ -269,20 +270,20 @@ def test_bad_input_is_exit_2_with_a_message_naming_it(name, tmp_path, capsys, mo
 # cli_utils
 # ---------------------------------------------------------------------------
 def test_cli_error_prints_one_paragraph_and_returns_2(capsys):
-    assert cli_utils.cli_error(ESCIDataError("a.csv: column 'query'\n  row 1: '  '")) == 2
+    assert cli.cli_error(ESCIDataError("a.csv: column 'query'\n  row 1: '  '")) == 2
     assert capsys.readouterr().err == "error: a.csv: column 'query' row 1: '  '\n"  # spaces in values kept
 
 
 def test_output_checks_name_the_flag_and_create_nothing(tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "folder").mkdir()
-    cli_utils.check_output_file(str(tmp_path / "new" / "deeper" / "o.json"), "--out")  # creatable: fine
-    cli_utils.check_output_dir(str(tmp_path / "new" / "deeper"), "--dir")
+    cli.check_output_file(str(tmp_path / "new" / "deeper" / "o.json"), "--out")  # creatable: fine
+    cli.check_output_dir(str(tmp_path / "new" / "deeper"), "--dir")
     assert sorted(os.listdir(tmp_path)) == ["a_file", "folder"]  # nothing created, no probe file left
-    bad = [(cli_utils.check_output_file, tmp_path / "folder", "is a folder"),
-           (cli_utils.check_output_file, tmp_path / "a_file" / "o.json", "not a folder"),
-           (cli_utils.check_output_dir, tmp_path / "a_file", "is a file"),
-           (cli_utils.check_output_dir, tmp_path / "a_file" / "sub" / "dir", "not a folder")]
+    bad = [(cli.check_output_file, tmp_path / "folder", "is a folder"),
+           (cli.check_output_file, tmp_path / "a_file" / "o.json", "not a folder"),
+           (cli.check_output_dir, tmp_path / "a_file", "is a file"),
+           (cli.check_output_dir, tmp_path / "a_file" / "sub" / "dir", "not a folder")]
     for check, path, words in bad:
         with pytest.raises(ESCIDataError) as exc:
             check(str(path), "--flag")
@@ -292,12 +293,12 @@ def test_output_checks_name_the_flag_and_create_nothing(tmp_path):
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, where even root cannot create files")
 def test_unwritable_folder_is_found_by_writing():
     with pytest.raises(ESCIDataError, match=r"--out /proc/o\.json: cannot write in /proc"):
-        cli_utils.check_output_file("/proc/o.json", "--out")
+        cli.check_output_file("/proc/o.json", "--out")
 
 
 def test_write_json_is_strict(tmp_path):
     path = tmp_path / "sub" / "m.json"
-    cli_utils.write_json(str(path), {"nan": float("nan"), "inf": [float("inf"), -np.inf], "np": np.float32("nan"),
+    write_json(str(path), {"nan": float("nan"), "inf": [float("inf"), -np.inf], "np": np.float32("nan"),
                                      "na": pd.NA, "int": np.int64(3), "ok": 0.5, "arr": np.array([1.0, np.nan])})
     data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
     assert data == {"nan": None, "inf": [None, None], "np": None, "na": None, "int": 3, "ok": 0.5, "arr": [1.0, None]}
@@ -317,15 +318,15 @@ def _fails_in(folder: str):
 def test_save_or_fallback_keeps_the_work(tmp_path, capsys):
     out, spare = tmp_path / "out", tmp_path / "spare"
     spare.mkdir()
-    assert cli_utils.save_or_fallback(str(out / "s.jsonl"), _fails_in(str(tmp_path / "elsewhere")), "--output") == 0
+    assert cli.save_or_fallback(str(out / "s.jsonl"), _fails_in(str(tmp_path / "elsewhere")), "--output") == 0
     assert (out / "s.jsonl").read_text() == "the results\n"
 
-    assert cli_utils.save_or_fallback(str(out / "t.jsonl"), _fails_in(str(out)), "--output", str(spare)) == 2
+    assert cli.save_or_fallback(str(out / "t.jsonl"), _fails_in(str(out)), "--output", str(spare)) == 2
     (saved,) = os.listdir(spare)
     assert saved.startswith("t.") and saved.endswith(".jsonl") and (spare / saved).read_text() == "the results\n"
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --output ") and "No space left" in err and str(spare / saved) in err
     assert not (out / "t.jsonl").exists()
 
-    assert cli_utils.save_or_fallback(str(out / "u.jsonl"), _fails_in(str(out)), "--output", str(out)) == 2
+    assert cli.save_or_fallback(str(out / "u.jsonl"), _fails_in(str(out)), "--output", str(out)) == 2
     assert "failed too" in capsys.readouterr().err

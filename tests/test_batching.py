@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_cli
-from batching import TrainStepCollator, collate_left_padded, plan_micro_batches, step_logits
 from esci_dataset import PromptEncoder
-from modeling import label_logits
+from tiny_reranker.batching import TrainStepCollator, collate_left_padded, plan_micro_batches
+from tiny_reranker.forward import label_logits, step_logits
 
 QUERIES = ["usb c charger", "red running shoes for women", "tent", "a very long query " * 12, "hdmi", "yoga mat"]
 DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red " * 20, "Title: tent", "short",

@@ -13,11 +13,12 @@ import torch
 import eval as eval_cli
 import export as export_cli
 import predict as predict_cli
-import training
 from esci_dataset import ESCIDataError
-from calibration import TEMPERATURE_RANGE, nll, softmax
-from modeling import LABEL_CONFIG_NAME, temperature_from_config
-from reranker import PROB_COLUMNS, Reranker, probs_from_logits
+from tiny_reranker import trainer
+from tiny_reranker.calibration import TEMPERATURE_RANGE, nll
+from tiny_reranker.contract import LABEL_CONFIG_NAME, temperature_from_config
+from tiny_reranker.reranker import Reranker
+from tiny_reranker.scoring import PROB_COLUMNS, probs_from_logits, softmax
 
 MAX_LENGTH = 256
 T = 2.5  # far from 1, so a path that ignores it fails by far more than the tolerance
@@ -70,7 +71,7 @@ def test_fitted_temperature_lowers_the_nll_of_pairs_it_was_not_fitted_on():
     y = rng.integers(0, 4, 400)
     logits = (rng.normal(size=(400, 4)) + 1.5 * np.eye(4)[y]) * 3.0
     fit, held_out = slice(0, 200), slice(200, 400)
-    fitted = training.fit_held_out_temperature(logits[fit], y[fit])
+    fitted = trainer.fit_held_out_temperature(logits[fit], y[fit])
     assert fitted["nll_after"] < fitted["nll_before"] and fitted["n"] == 200 and "not_stored" not in fitted
     t = fitted["temperature"]
     assert t > 1.5, t  # over-confident logits are softened
@@ -81,19 +82,19 @@ def test_no_temperature_is_stored_from_too_few_pairs_or_from_a_fit_that_ran_off_
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 200)
     over_confident = (rng.normal(size=(200, 4)) + np.eye(4)[y]) * 4.0  # right ~60% of the time, sure every time
-    fitted = training.fit_held_out_temperature(over_confident, y)
+    fitted = trainer.fit_held_out_temperature(over_confident, y)
     assert fitted["temperature"] > 1.0 and "not_stored" not in fitted and fitted["nll_after"] < fitted["nll_before"]
 
-    few = training.MIN_CALIBRATION_PAIRS - 1
-    too_few = training.fit_held_out_temperature(over_confident[:few], y[:few])
+    few = trainer.MIN_CALIBRATION_PAIRS - 1
+    too_few = trainer.fit_held_out_temperature(over_confident[:few], y[:few])
     assert too_few["temperature"] is None and f"only {few} held-out pairs" in too_few["not_stored"]
 
     # Every pair right with a margin: the NLL falls all the way to T -> 0, the bottom of the range.
-    separable = training.fit_held_out_temperature(np.eye(4)[y] * 5.0, y)
+    separable = trainer.fit_held_out_temperature(np.eye(4)[y] * 5.0, y)
     assert separable["temperature"] is None and "end of the search range" in separable["not_stored"]
     assert separable["fitted_temperature"] == pytest.approx(TEMPERATURE_RANGE[0], rel=0.01)
     # The true class always scored lowest: the NLL falls toward uniform probabilities, T -> the top.
-    backwards = training.fit_held_out_temperature(-np.eye(4)[y] * 2.0, y)
+    backwards = trainer.fit_held_out_temperature(-np.eye(4)[y] * 2.0, y)
     assert backwards["temperature"] is None
     assert backwards["fitted_temperature"] == pytest.approx(TEMPERATURE_RANGE[1], rel=0.01)
 
@@ -110,7 +111,7 @@ def test_train_py_stores_no_temperature_from_a_tiny_held_out_split_and_says_why(
         assert json.load(f)["temperature"] is None  # scoring will use the raw logits
     with open(os.path.join(out, "train_metrics.json")) as f:
         calibration = json.load(f)["calibration"]
-    assert calibration["temperature"] is None and calibration["n"] < training.MIN_CALIBRATION_PAIRS
+    assert calibration["temperature"] is None and calibration["n"] < trainer.MIN_CALIBRATION_PAIRS
     assert "no temperature stored: only" in caplog.text and "raise --eval_ratio" in caplog.text
 
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import train as train_cli
-from checkpoints import check_resume_matches, prepare_output_dir, resolve_checkpoint
 from esci_dataset import ESCIDataError
-from reranker import check_model_paths
+from tiny_reranker.checkpoints import check_resume_matches, prepare_output_dir, resolve_checkpoint
+from tiny_reranker.model_files import check_model_paths
 
 
 def _checkpoint(folder, step, broken=None, run_config=None):

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 
 import eval as eval_cli
-from calibration import brier_score, expected_calibration_error, nll
 from esci_dataset import LABEL_TO_ID
-from metrics import task3_substitute_micro_f1
-from modeling import LABEL_CONFIG_NAME
-from reranker import PROB_COLUMNS, probs_from_logits, stored_temperature
+from tiny_reranker.calibration import brier_score, expected_calibration_error, nll
+from tiny_reranker.contract import LABEL_CONFIG_NAME, stored_temperature
+from tiny_reranker.metrics import task3_substitute_micro_f1
+from tiny_reranker.scoring import PROB_COLUMNS, probs_from_logits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("confusion_matrix", "score_distribution", "roc", "reliability")

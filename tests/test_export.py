@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import demo
 import export as export_cli
 from esci_dataset import LABELS, ESCIDataError, render_prompt
-from modeling import LABEL_CONFIG_NAME, attach_label_head
-from reranker import Reranker, score_token_ids
+from tests.helpers import score_token_ids
+from tiny_reranker import demo_model
+from tiny_reranker.contract import LABEL_CONFIG_NAME
+from tiny_reranker.modeling import attach_label_head
+from tiny_reranker.reranker import Reranker
 
 MAX_LENGTH = 256
 ATOL = 1e-4  # fp32; observed differences are ~1e-7
@@ -40,7 +42,7 @@ def rr(tiny_model_dir, adapter_dir):
 
 @pytest.fixture(scope="module")
 def pairs():
-    df = demo.synthetic_esci(1, items_per_query=5, seed=7)
+    df = demo_model.synthetic_esci(1, items_per_query=5, seed=7)
     items = df["item_text"].tolist()
     items[2] += " with a longer description" * 4  # unequal lengths, so batches really are padded
     return df["query"][0], items

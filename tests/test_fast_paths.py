@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from batching import collate_left_padded, collate_packed, encode_prefix
 from esci_dataset import PromptEncoder
-from modeling import label_logits
+from tiny_reranker.batching import collate_left_padded, collate_packed
+from tiny_reranker.forward import encode_prefix, label_logits
 
 QUERIES = ["usb c charger", "red running shoes for women", "tent", "a very long query " * 12]
 DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red " * 20, "Title: tent", "short"]
@@ -128,7 +128,7 @@ def test_bench_smoke_runs_the_real_paths_and_reports_every_ratio(tmp_path, monke
 def test_length_sorted_batches_cover_every_row_once_within_budget_and_padding(n):
     import numpy as np
 
-    from batching import length_sorted_batches
+    from tiny_reranker.batching import length_sorted_batches
 
     lengths = np.random.default_rng(n).integers(5, 600, n)
     batches = length_sorted_batches(lengths, batch_size=64, max_batch_tokens=8192, max_padding=0.1)

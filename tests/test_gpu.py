@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import train as train_cli
-import varlen
-from batching import TrainStepCollator, collate_left_padded, step_logits
 from esci_dataset import PromptEncoder, label_token_ids
-from modeling import apply_lora, attach_label_head, label_logits, load_base_model
+from tiny_reranker import varlen
+from tiny_reranker.batching import TrainStepCollator, collate_left_padded
+from tiny_reranker.forward import label_logits, step_logits
+from tiny_reranker.modeling import apply_lora, attach_label_head, load_base_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 flash = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from batching import collate_left_padded
 from esci_dataset import PromptEncoder, label_token_ids
-from modeling import LabelRowsHead, apply_lora, attach_label_head, detach_label_head, label_logits, load_base_model
-from reranker import score_token_ids
+from tests.helpers import score_token_ids
+from tiny_reranker.batching import collate_left_padded
+from tiny_reranker.forward import label_logits
+from tiny_reranker.modeling import LabelRowsHead, apply_lora, attach_label_head, detach_label_head, load_base_model
 
 PAIRS = [
     ("usb c charger", "Title: Anker 65W USB-C Charger Brand: Anker"),

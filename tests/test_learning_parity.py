@@ -10,10 +10,10 @@ import os
 
 import pytest
 
-import demo
 import train as train_cli
-from reranker import load_reranker
 from tests.reference_loop import held_out_accuracy, reference_loop
+from tiny_reranker import demo_model
+from tiny_reranker.modeling import load_reranker
 
 STEPS, BATCH, LR, TARGETS, MAX_LEN, SEED = 40, 16, 3e-3, "all-linear", 256, 0
 
@@ -21,8 +21,8 @@ STEPS, BATCH, LR, TARGETS, MAX_LEN, SEED = 40, 16, 3e-3, "all-linear", 256, 0
 @pytest.fixture(scope="module")
 def parity_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parity")
-    train_df = demo.synthetic_esci(100, seed=11)
-    test_df = demo.synthetic_esci(40, seed=12, query_id_offset=100)
+    train_df = demo_model.synthetic_esci(100, seed=11)
+    test_df = demo_model.synthetic_esci(40, seed=12, query_id_offset=100)
     path = str(folder / "train.parquet")
     train_df.to_parquet(path, index=False)
     return path, train_df, test_df
@@ -70,8 +70,7 @@ def test_packed_steps_learn_as_well_as_a_plain_random_batch_loop(tiny_model_dir,
                                                                  tmp_path, monkeypatch):
     """train.py as it runs on a CUDA box without flash-attn: steps packed into one row through varlen.py's
     attention (here its per-prompt sdpa), the prefix run once, the start-up check passed."""
-    import training
-    import varlen
+    from tiny_reranker import trainer, varlen
 
     def pack(model):
         model.get_base_model().set_attn_implementation(varlen.register())
@@ -80,10 +79,10 @@ def test_packed_steps_learn_as_well_as_a_plain_random_batch_loop(tiny_model_dir,
     checks = []
 
     def recorded_check(*args, **kwargs):
-        checks.append(training.check_packed_steps(*args, **kwargs))
+        checks.append(trainer.check_packed_steps(*args, **kwargs))
         return checks[-1]
 
-    monkeypatch.setattr(training, "choose_packed_attention", pack)
+    monkeypatch.setattr(trainer, "choose_packed_attention", pack)
     monkeypatch.setattr(train_cli, "check_packed_steps", recorded_check)
     accuracy, recalls = train_cli_accuracy(tiny_model_dir, parity_data, str(tmp_path / "packed"))
     assert checks and checks[0] is not None and checks[0] < 1e-5  # steps were packed, and match padded prompts

@@ -5,8 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from calibration import brier_score, calibration_before_after, expected_calibration_error, fit_temperature, nll, softmax
-from metrics import (
+from tiny_reranker.calibration import (
+    brier_score,
+    calibration_before_after,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
+from tiny_reranker.metrics import (
     breakdown,
     classification_metrics,
     confusion_matrix,
@@ -23,7 +29,7 @@ from metrics import (
     task3_substitute_micro_f1,
     worst_queries,
 )
-from reranker import scores_from_probs
+from tiny_reranker.scoring import scores_from_probs, softmax
 
 E, S, C, I = 0, 1, 2, 3
 
@@ -258,7 +264,7 @@ def test_held_out_metrics_rank_each_query_by_the_score_of_its_logits():
     """train.py's periodic eval: accuracy beside the majority class, and ESCI task 1 nDCG per held-out query."""
     from transformers import EvalPrediction
 
-    from training import held_out_metrics
+    from tiny_reranker.trainer import held_out_metrics
 
     groups = np.array([7, 7, 9, 9, 11])
     labels = np.array([E, I, S, C, I])

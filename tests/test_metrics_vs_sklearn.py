@@ -9,8 +9,9 @@ import pytest
 from scipy.optimize import minimize_scalar
 from sklearn import metrics as skm
 
-from calibration import fit_temperature, nll, softmax
-from metrics import (
+from esci_dataset import LABELS
+from tiny_reranker.calibration import fit_temperature, nll
+from tiny_reranker.metrics import (
     NDCG_GAINS,
     classification_metrics,
     confusion_matrix,
@@ -19,7 +20,7 @@ from metrics import (
     roc_auc,
     task3_substitute_micro_f1,
 )
-from esci_dataset import LABELS
+from tiny_reranker.scoring import softmax
 
 SEEDS = range(40)
 

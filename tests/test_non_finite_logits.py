@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file, save_file
 
-import demo
 import eval as eval_cli
 import export as export_cli
 import predict as predict_cli
-import sharding
 import train as train_cli
 from esci_dataset import ESCIDataError
-from reranker import Reranker, probs_from_logits
+from tiny_reranker import demo_model, distributed
+from tiny_reranker.reranker import Reranker
+from tiny_reranker.scoring import probs_from_logits
 
 POISON = " velvet"  # one token with the real Qwen3 tokenizer; only the pairs that contain it go NaN
 PAIRS = pd.DataFrame({
@@ -110,13 +110,13 @@ def test_the_clis_exit_2_with_the_rows_and_write_nothing(cli, poisoned_model, pa
 @pytest.mark.parametrize("cli", ["eval", "predict"])
 def test_a_rank_whose_rows_went_nan_still_reaches_the_gather(cli, poisoned_model, tmp_path, monkeypatch):
     # Under torchrun, a rank that refused on its own would leave the others waiting in the gather (up to
-    # sharding.GATHER_TIMEOUT). Rank 1 of 2 takes rows 1 and 3, so it holds the NaN row 1: it must hand its
+    # distributed.GATHER_TIMEOUT). Rank 1 of 2 takes rows 1 and 3, so it holds the NaN row 1: it must hand its
     # logits over as they are, and the refusal come from rank 0, which sees every row.
     data = tmp_path / "pairs.parquet"
     PAIRS.iloc[[0, 1, 2, 3]].to_parquet(data, index=False)
     handed_over = []
-    monkeypatch.setattr(sharding, "start", lambda: sharding.Shard(rank=1, world_size=2))
-    monkeypatch.setattr(sharding.Shard, "gather", lambda self, part, n: handed_over.append(part))
+    monkeypatch.setattr(distributed, "start", lambda: distributed.Shard(rank=1, world_size=2))
+    monkeypatch.setattr(distributed.Shard, "gather", lambda self, part, n: handed_over.append(part))
     if cli == "eval":
         rc = eval_cli.main([*_flags(poisoned_model), "--eval_file", str(data), "--metrics_path", str(tmp_path / "m.json")])
     else:
@@ -126,7 +126,7 @@ def test_a_rank_whose_rows_went_nan_still_reaches_the_gather(cli, poisoned_model
 
 
 def test_train_refuses_to_save_an_adapter_that_went_nan(poisoned_model, tmp_path, capsys):
-    df = demo.synthetic_esci(6, items_per_query=4, seed=3)
+    df = demo_model.synthetic_esci(6, items_per_query=4, seed=3)
     df.loc[df.index[::3], "item_text"] += POISON  # a third of the rows: the first steps already meet one
     data, out = tmp_path / "train.parquet", tmp_path / "run"
     df.to_parquet(data, index=False)

@@ -7,11 +7,11 @@ import types
 import pytest
 import torch
 
-import training
-import varlen
-from batching import TrainStepCollator, collate_left_padded, collate_packed, step_logits
 from esci_dataset import PromptEncoder
-from modeling import label_logits
+from tiny_reranker import trainer as training
+from tiny_reranker import varlen
+from tiny_reranker.batching import TrainStepCollator, collate_left_padded, collate_packed
+from tiny_reranker.forward import label_logits, step_logits
 
 QUERIES = ["usb c charger", "red running shoes for women", "tent", "a very long query " * 12]
 DOCS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: running shoe, red " * 20, "Title: tent", "short"]

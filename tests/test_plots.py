@@ -8,10 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-import calibration
-import plots
-from calibration import expected_calibration_error
-from metrics import roc_auc
+from tiny_reranker import calibration, plots
+from tiny_reranker.calibration import expected_calibration_error
+from tiny_reranker.metrics import roc_auc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 150_000  # the figures go into the README

@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import demo
 import predict as predict_cli
-from esci_dataset import atomic_write
-from reranker import OUTPUT_COLUMNS, PROB_COLUMNS, Reranker
 from tests.conftest import ROOT
+from tiny_reranker import demo_model
+from tiny_reranker.io import atomic_write
+from tiny_reranker.reranker import Reranker
+from tiny_reranker.scoring import OUTPUT_COLUMNS, PROB_COLUMNS
 
 MAX_LENGTH = 256
 BATCH = 4
@@ -36,7 +37,7 @@ def rr(tiny_model_dir, adapter_dir):
 
 @pytest.fixture(scope="module")
 def pairs_df():
-    return demo.synthetic_esci(2, items_per_query=4, seed=5)  # 8 rows with ids and labels as extra columns
+    return demo_model.synthetic_esci(2, items_per_query=4, seed=5)  # 8 rows with ids and labels as extra columns
 
 
 def _run(argv, capsys, stdin: str | None = None, monkeypatch=None):

@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-import demo
 import train as train_cli
-from batching import TrainStepCollator, collate_left_padded, step_logits
 from esci_dataset import LABELS, PromptEncoder, label_token_ids
-from reranker import Reranker, load_reranker
 from tests.reference_loop import held_out_accuracy, reference_loop
+from tiny_reranker import demo_model
+from tiny_reranker.batching import TrainStepCollator, collate_left_padded
+from tiny_reranker.forward import step_logits
+from tiny_reranker.modeling import load_reranker
+from tiny_reranker.reranker import Reranker
 
 pytestmark = pytest.mark.skipif(os.environ.get("TINY_RERANKER_REAL_LM") != "1",
                                 reason="opt-in (minutes on CPU): TINY_RERANKER_REAL_LM=1, see the module docstring")
@@ -84,7 +86,8 @@ def test_fast_scoring_equals_a_full_vocabulary_forward_of_whole_prompts(rr, smol
 def test_training_step_layout_gives_the_plain_padded_gradient(smollm2_dir, rr):
     """Length-sorted micro-batches with the shared prefix run once: the loss and LoRA gradients of one
     padded batch of whole prompts, on real weights."""
-    from modeling import apply_lora, attach_label_head, label_logits, load_base_model
+    from tiny_reranker.forward import label_logits
+    from tiny_reranker.modeling import apply_lora, attach_label_head, load_base_model
 
     torch.manual_seed(SEED)
     model = apply_lora(load_base_model(smollm2_dir), r=8, alpha=16, dropout=0.0, target_modules="q_proj,v_proj")
@@ -113,8 +116,8 @@ def test_training_step_layout_gives_the_plain_padded_gradient(smollm2_dir, rr):
 
 
 def test_train_py_learns_as_well_as_a_plain_random_batch_loop_on_a_real_lm(smollm2_dir, tmp_path):
-    train_df = demo.synthetic_esci(60, seed=11)
-    test_df = demo.synthetic_esci(20, seed=12, query_id_offset=100)
+    train_df = demo_model.synthetic_esci(60, seed=11)
+    test_df = demo_model.synthetic_esci(20, seed=12, query_id_offset=100)
     path = str(tmp_path / "train.parquet")
     train_df.to_parquet(path, index=False)
     out = str(tmp_path / "lora")
@@ -137,9 +140,11 @@ def test_both_exports_of_an_adapter_on_a_llama_base_score_like_the_adapter(smoll
     LlamaForSequenceClassification give the adapter's probabilities, with a stored temperature."""
     import json
 
-    import export as export_cli
-    from modeling import apply_lora, attach_label_head, load_base_model, save_reranker_config
     from transformers import AutoModelForSequenceClassification
+
+    import export as export_cli
+    from tiny_reranker.contract import save_reranker_config
+    from tiny_reranker.modeling import apply_lora, attach_label_head, load_base_model
 
     torch.manual_seed(SEED)
     adapter = str(tmp_path / "lora")

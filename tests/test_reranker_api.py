@@ -7,14 +7,9 @@ import pandas as pd
 import pytest
 
 from esci_dataset import LABELS, ESCIDataError, ESCIMultiClassRerankDataset
-from reranker import (
-    PROB_COLUMNS,
-    Reranker,
-    prediction_columns,
-    rank_results,
-    score_token_ids,
-    scores_from_probs,
-)
+from tests.helpers import score_token_ids
+from tiny_reranker.reranker import Reranker
+from tiny_reranker.scoring import PROB_COLUMNS, prediction_columns, rank_results, scores_from_probs
 
 MAX_LENGTH = 256  # the demo items fit; the long-text test goes past it on purpose
 BATCH = 4

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import demo
 import eval as eval_cli
-from reranker import PROB_COLUMNS
-from sharding import Shard, shard_rows, unshard
 from tests.conftest import ROOT, run_torchrun
+from tiny_reranker import demo_model
+from tiny_reranker.distributed import Shard, shard_rows, unshard
+from tiny_reranker.scoring import PROB_COLUMNS
 
 
 # ---------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def test_one_process_shard_is_everything_and_gathers_nothing():
 
 
 def test_torchrun_eval_saves_the_single_process_scores_in_input_order(tiny_model_dir, adapter_dir, tmp_path):
-    df = demo.synthetic_esci(3, items_per_query=5, seed=11)  # 15 rows: the 2 ranks get 8 and 7
+    df = demo_model.synthetic_esci(3, items_per_query=5, seed=11)  # 15 rows: the 2 ranks get 8 and 7
     df.loc[4, "item_text"] += " with a much longer description" * 3  # unequal lengths, several batches
     data = tmp_path / "eval.parquet"
     df.to_parquet(data, index=False)

@@ -10,8 +10,9 @@ import pytest
 
 import eval as eval_cli
 from esci_dataset import DEFAULT_TEMPLATE, V2_TEMPLATE, PromptEncoder, build_template
-from modeling import LABEL_CONFIG_NAME
-from reranker import Reranker, score_token_ids
+from tests.helpers import score_token_ids
+from tiny_reranker.contract import LABEL_CONFIG_NAME
+from tiny_reranker.reranker import Reranker
 
 QUERIES = ["usb c charger", "tent", "red running shoes"]
 ITEMS = ["Title: Anker 65W USB-C Charger Brand: Anker", "Title: garden hose", "Title: Nike running shoe, red"]

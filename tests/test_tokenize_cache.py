@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 import train as train_cli
-from batching import TrainStepCollator
 from esci_dataset import LABELS, ESCIMultiClassRerankDataset, PromptEncoder, build_template, load_esci_parquet
-from tokenized import CACHE_DIRNAME, tokenize_split
+from tiny_reranker.batching import TrainStepCollator
+from tiny_reranker.data_cache import CACHE_DIRNAME, tokenize_split
 
 # User text that must stay plain text: added tokens, a fake answer, and an item far longer than max_length.
 HOSTILE_ROWS = pd.DataFrame({

@@ -13,10 +13,10 @@ from transformers import AutoConfig
 
 import eval as eval_cli
 import train as train_cli
-from tests.conftest import ROOT, run_torchrun
 from esci_dataset import load_esci_parquet, split_by_query
-from tokenized import CACHE_DIRNAME
-from training import LabelHeadTrainer
+from tests.conftest import ROOT, run_torchrun
+from tiny_reranker.data_cache import CACHE_DIRNAME
+from tiny_reranker.trainer import LabelHeadTrainer
 
 SHORT = ["--max_length", "192", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
          "--eval_ratio", "0.1", "--logging_steps", "2", "--report_to", "none"]
@@ -299,7 +299,8 @@ def test_report_to_a_logger_that_is_not_installed_stops_before_the_model_loads(t
 
 def test_wandb_credentials_in_a_netrc_or_the_environment_are_found_without_asking_wandb(tmp_path, monkeypatch):
     import wandb
-    import training
+
+    from tiny_reranker import train_config
 
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC"):
         monkeypatch.delenv(name, raising=False)
@@ -308,7 +309,7 @@ def test_wandb_credentials_in_a_netrc_or_the_environment_are_found_without_askin
     netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
     netrc_file.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc_file))
-    assert training.report_to_problem("wandb") is None
+    assert train_config.report_to_problem("wandb") is None
     monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
-    assert training.report_to_problem("none,wandb") is None
+    assert train_config.report_to_problem("none,wandb") is None

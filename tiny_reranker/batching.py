@@ -8,24 +8,24 @@
   length. The Trainer's random sampler draws each step's batch; inside that
   step :class:`TrainStepCollator` sorts it by length and cuts it into at most a
   few micro-batches (:func:`plan_micro_batches`), or packs it padding-free under
-  flash-attention. :func:`step_logits` runs the micro-batches and returns the
+  flash-attention. ``forward.step_logits`` runs the micro-batches and returns the
   logits in the batch's own order, so the loss is one mean over the step's pairs
   and its gradient equals the plain padded full-batch gradient (tested).
   Length-grouped *sampling* is the opposite trade: it skews each step's label mix
   and can collapse training to the majority class.
-* **Prefix reuse**: the system turn and instruction are the same for every
-  pair. :func:`encode_prefix` runs them once per batch (or once per scoring
-  call) and every row attends to the same keys/values.
+* **Prefix reuse**: ``skip_prefix`` leaves the shared system turn and instruction out
+  of the rows; ``forward.encode_prefix`` supplies their keys/values.
+
+Pure layout: lists of token ids in, index arrays and tensors out. Nothing here runs a model
+(that is :mod:`tiny_reranker.forward`).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 # ---------------------------------------------------------------------------
 # Scoring batches
@@ -113,10 +113,10 @@ def collate_packed(features: list[dict], skip_prefix: int = 0) -> dict[str, torc
     Without a shared prefix the two are the same and ``position_ids`` restart at 0
     for each prompt (from which sdpa builds a block-diagonal mask). ``skip_prefix``
     drops that many leading tokens, the shared prefix whose keys/values
-    :class:`PrefixKV` supplies once: positions then start after the prefix, each
+    ``forward.PrefixKV`` supplies once: positions then start after the prefix, each
     prompt's keys are the prefix followed by its own tokens (its causal mask aligned
     bottom-right), and ``prefix_key_index`` says where those keys sit in the
-    ``[prefix, packed row]`` the cache layer sees (:meth:`PrefixKV.cache_kwargs`).
+    ``[prefix, packed row]`` the cache layer sees (``forward.PrefixKV.cache_kwargs``).
     """
     ids, positions, last, lengths = [], [], [], []
     for f in features:
@@ -138,17 +138,6 @@ def collate_packed(features: list[dict], skip_prefix: int = 0) -> dict[str, torc
 
 
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # what the attention kernels read
-
-
-def packed_forward_kwargs(batch: dict, prefix_kv: "PrefixKV | None") -> dict:
-    """The forward's kwargs for a :func:`collate_packed` row beyond ids and positions: the varlen layout, and
-    for a row collated without the shared prefix, the cache that supplies it (``prefix_kv`` must be that prefix)."""
-    kwargs = {k: batch[k] for k in VARLEN_KEYS if k in batch}
-    if "prefix_key_index" not in batch:
-        return {**kwargs, "use_cache": False}
-    if prefix_kv is None or prefix_kv.length != batch["max_length_k"] - batch["max_length_q"]:
-        raise ValueError("this packed batch was collated without its shared prefix: pass that prefix's prefix_kv")
-    return {**kwargs, "use_cache": True, **prefix_kv.cache_kwargs(1, batch["prefix_key_index"])}
 
 
 def _varlen_layout(lengths: Sequence[int], prefix_len: int) -> dict:
@@ -232,7 +221,7 @@ class TrainStepCollator:
     Returns ``{"micro_batches": [batch, ...], "order": LongTensor [B], "labels": LongTensor [B]}``:
     ``labels`` in the sampler's order, each micro-batch left-padded (or one packed
     row under flash-attention), and ``order`` the sampler positions of the rows as
-    the micro-batches hold them, so :func:`step_logits` can put them back.
+    the micro-batches hold them, so ``forward.step_logits`` can put them back.
     ``skip_prefix`` drops the shared prefix, whose keys/values are reused.
     """
 
@@ -256,93 +245,8 @@ class TrainStepCollator:
         return {"micro_batches": micro_batches, "order": order, "labels": labels}
 
 
-def step_logits(model: nn.Module, step: dict, prefix_ids: Sequence[int] = (), prefix_model: nn.Module | None = None
-                ) -> torch.Tensor:
-    """Label logits ``[B, 4]`` for a :class:`TrainStepCollator` step, in the step's ``labels`` order.
-
-    ``prefix_ids``: the shared prefix the micro-batches were collated without; it
-    runs once here (through ``prefix_model``, default ``model``) and its
-    keys/values serve every micro-batch, gradients included.
-    """
-    from modeling import label_logits
-
-    prefix_kv = encode_prefix(prefix_model or model, prefix_ids) if len(prefix_ids) else None
-    parts = [label_logits(model, mb, prefix_kv=prefix_kv) for mb in step["micro_batches"]]
-    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-    inverse = torch.empty_like(step["order"])
-    inverse[step["order"]] = torch.arange(len(step["order"]), device=step["order"].device)
-    return logits[inverse]
-
-
 # ---------------------------------------------------------------------------
 # Prefix reuse
 # ---------------------------------------------------------------------------
-class PrefixKV:
-    """Keys/values of a prompt prefix shared by every pair (system turn + instruction).
-
-    Computed once with batch size 1; :meth:`cache_kwargs` hands each batch its own
-    cache whose rows view the same prefix, so the prefix costs nothing per pair.
-    """
-
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.layers = layers
-        self.length = layers[0][0].shape[-2]
-
-    def cache_kwargs(self, n_rows: int, key_index: torch.Tensor | None = None) -> dict:
-        """``{name: cache}`` for the model's forward; transformers renamed ``past_key_values`` to ``cache`` in 5.x.
-
-        Each layer's keys are the prefix (viewed by all ``n_rows`` rows) followed by the
-        batch's own. ``key_index`` (packed rows, ``n_rows == 1``) reorders them into the
-        per-prompt ``[prefix, prompt]`` layout of :func:`collate_packed`.
-        """
-        from transformers import Cache
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        layer = _prefix_layer_class()
-        cache = Cache(layers=[layer(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1), key_index)
-                              for k, v in self.layers])
-        return {"cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values": cache}
-
-    def mask(self, n_rows: int) -> torch.Tensor:
-        device = self.layers[0][0].device
-        return torch.ones((n_rows, self.length), dtype=torch.long, device=device)
 
 
-@functools.lru_cache(maxsize=None)
-def _prefix_layer_class():
-    """The cache layer class, defined on first use so importing this module does not import transformers."""
-    from transformers.cache_utils import DynamicLayer
-
-    class PrefixLayer(DynamicLayer):
-        """One layer's prefix keys/values ``[B, H_kv, P, D]``. :meth:`update` returns the prefix followed by
-        the forward's own keys/values (picked by ``key_index`` if given) and stores nothing, so the prefix
-        is never copied into a growing cache and one cache object serves one forward exactly as built."""
-
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, key_index: torch.Tensor | None = None):
-            super().__init__()
-            self.keys, self.values, self.key_index = keys, values, key_index
-            self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            keys, values = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-            if self.key_index is not None:
-                index = self.key_index.to(keys.device)
-                keys, values = keys.index_select(-2, index), values.index_select(-2, index)
-            return keys, values
-
-    return PrefixLayer
-
-
-def encode_prefix(model: nn.Module, prefix_ids: Sequence[int]) -> PrefixKV:
-    """Run the shared prefix once (batch size 1) and keep its per-layer keys/values.
-
-    Under ``torch.inference_mode`` for scoring. In training it runs with autograd:
-    the rows of a batch then all attend to the same prefix keys/values, and their
-    gradients flow back through them once (``expand`` sums them), which equals
-    running the prefix in every row (tested), at a fraction of the tokens.
-    """
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=True)
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
-    return PrefixKV([(layer.keys, layer.values) for layer in cache.layers])

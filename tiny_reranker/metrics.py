@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration import ECE_BINS, brier_score, calibration_before_after, expected_calibration_error, nll
-from esci_dataset import SCORE_WEIGHTS, LABEL_TEXT, LABELS
+from esci_dataset import LABEL_TEXT, LABELS, SCORE_WEIGHTS
+from tiny_reranker.calibration import ECE_BINS, brier_score, calibration_before_after, expected_calibration_error, nll
 
 # ESCI ranking gains for nDCG (Amazon's Shopping Queries paper): exact 1.0, substitute 0.1, complement 0.01.
 NDCG_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}

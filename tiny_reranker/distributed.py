@@ -8,8 +8,8 @@ path. :meth:`Shard.gather` brings the results to rank 0 and puts every row back 
 In one process (no torchrun) the shard is rank 0 of 1: all rows, nothing started or sent.
 
 Only results travel between ranks, as CPU arrays, so the process group is gloo even on GPUs;
-each rank runs its model on its own GPU (``cuda:LOCAL_RANK``). (Named ``sharding``, not
-``distributed``: that would shadow dask's package of the same name, which fsspec imports.)
+each rank runs its model on its own GPU (``cuda:LOCAL_RANK``). Training's processes are the
+Trainer's (accelerate's); they only ask :func:`world_size` here.
 """
 
 from __future__ import annotations
@@ -71,10 +71,14 @@ class Shard:
         return unshard(parts, n) if self.is_main else None
 
 
+def world_size() -> int:
+    """How many processes this run has: torchrun's (or any launcher's) ``WORLD_SIZE``, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start() -> Shard:
     """This process's :class:`Shard`: from torchrun's environment (starting a gloo group), else rank 0 of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size() <= 1:
         return Shard()
     device = torch.device("cpu")
     if torch.cuda.is_available():

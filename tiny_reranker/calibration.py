@@ -11,16 +11,10 @@ from typing import Callable
 
 import numpy as np
 
+from tiny_reranker.scoring import softmax
+
 ECE_BINS = 15  # Guo et al. 2017's choice; the most common in papers, so our ECE is comparable
 _EPS = 1e-12  # clip before log: fp16/bf16 softmax can underflow to exactly 0
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row softmax of ``logits / temperature``; ``logits: [N, C]``."""
-    z = np.asarray(logits, dtype=float) / temperature
-    z = z - z.max(axis=-1, keepdims=True)  # exp never overflows
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS

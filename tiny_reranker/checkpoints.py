@@ -9,17 +9,19 @@ other model flags is refused.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
 
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 from esci_dataset import ESCIDataError
+from tiny_reranker.contract import RUN_CONFIG_NAME
+from tiny_reranker.io import read_json_object
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG_NAME = "run_config.json"
 # Flags that decide the weights' shape or meaning: resuming under other values would mix two runs.
 RUN_IDENTITY_FLAGS = ("base_model", "lora_r", "lora_alpha", "lora_target_modules", "instruction")
 # Flags that decide which rows train and which are held out, and how the best checkpoint is judged: the Trainer
@@ -28,7 +30,8 @@ RUN_DATA_FLAGS = ("train_file", "eval_ratio", "seed", "max_train_samples", "load
                   "metric_for_best_model")
 # Flags that change how many rows a step takes: resuming under others skips a different number of rows.
 RUN_STEP_FLAGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# transformers' get_last_checkpoint gives only the newest folder; `latest` must skip incomplete ones, so all are listed.
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def checkpoint_folders(output_dir: str) -> list[str]:
@@ -40,28 +43,24 @@ def checkpoint_folders(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)]
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        value = json.load(f)
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value
-
-
 def checkpoint_problem(folder: str) -> str | None:
     """Why ``folder`` cannot be resumed from, or None when it is complete."""
-    try:
-        state = _read_json(os.path.join(folder, "trainer_state.json"))
+    missing = lambda name: not os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    try:  # in the order the Trainer reads them, so the first problem is the one named
+        if missing("trainer_state.json"):
+            return "trainer_state.json is missing"
+        state = read_json_object(os.path.join(folder, "trainer_state.json"))
         if not isinstance(state.get("global_step"), int):
             return "trainer_state.json has no global_step"
-        _read_json(os.path.join(folder, "adapter_config.json"))
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if missing(name):
+                return f"{name} is missing"
+        read_json_object(os.path.join(folder, "adapter_config.json"))
         from safetensors import safe_open
 
         with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
             if not list(f.keys()):
                 return "adapter_model.safetensors holds no tensors"
-    except FileNotFoundError as exc:
-        return f"{os.path.basename(exc.filename or '?')} is missing"
     except Exception as exc:  # truncated or corrupt files raise many types
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     for name in ("optimizer.pt", "scheduler.pt"):
@@ -109,11 +108,11 @@ def saved_identity(checkpoint: str) -> dict:
     then the LoRA rank and alpha come from ``adapter_config.json``, which the Trainer always writes.
     """
     try:
-        return run_identity(_read_json(os.path.join(checkpoint, RUN_CONFIG_NAME)))
+        return run_identity(read_json_object(os.path.join(checkpoint, RUN_CONFIG_NAME)))
     except (OSError, ValueError):
         pass
     try:
-        adapter = _read_json(os.path.join(checkpoint, "adapter_config.json"))
+        adapter = read_json_object(os.path.join(checkpoint, "adapter_config.json"))
     except (OSError, ValueError):
         adapter = {}
     logger.warning("%s has no readable %s (killed before it was written?): checking only --lora_r and --lora_alpha, "
@@ -123,7 +122,7 @@ def saved_identity(checkpoint: str) -> dict:
 
 def _saved_run_config(checkpoint: str) -> dict:
     try:
-        return _read_json(os.path.join(checkpoint, RUN_CONFIG_NAME))
+        return read_json_object(os.path.join(checkpoint, RUN_CONFIG_NAME))
     except (OSError, ValueError):
         return {}
 

@@ -1,6 +1,6 @@
 """Packed-row attention without the flash-attn package: PyTorch's own varlen kernel, or sdpa per prompt.
 
-A packed training row (``batching.collate_packed``) holds several prompts back to back, with no
+A packed training row (``tiny_reranker.batching.collate_packed``) holds several prompts back to back, with no
 padding; each prompt may attend only to itself (and, with prefix reuse, to the shared prefix). The
 row carries that layout as flash-attention varlen kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``).
 transformers hands them to the flash-attn package under ``flash_attention_2``. This module registers
@@ -24,6 +24,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from tiny_reranker import compat
+
 VARLEN_ATTENTION = "tiny_reranker_varlen"
 PACKED_ATTENTION = ("flash_attention_2", VARLEN_ATTENTION)  # implementations that read packed rows' varlen kwargs
 
@@ -31,11 +33,7 @@ PACKED_ATTENTION = ("flash_attention_2", VARLEN_ATTENTION)  # implementations th
 @functools.lru_cache(maxsize=None)
 def register() -> str:
     """Register :data:`VARLEN_ATTENTION` (and sdpa's mask builder for it) with transformers; returns its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
+    compat.register_attention(VARLEN_ATTENTION, varlen_attention)
     return VARLEN_ATTENTION
 
 
@@ -63,7 +61,7 @@ def choose_packed_attention(model) -> bool:
     Ampere or newer): on CPU a packed step measured as fast as length-sorted micro-batches, not faster.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    attn = base.config._attn_implementation
+    attn = compat.attn_implementation(base)
     if attn in PACKED_ATTENTION:
         return True
     if attn == "sdpa" and torch.cuda.is_available() and cuda_kernel_runs(torch.device("cuda"), base.dtype):
@@ -80,9 +78,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     """
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None or cu_k is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return compat.sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed rows have batch size 1, got {query.shape[0]}")

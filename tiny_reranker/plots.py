@@ -18,10 +18,11 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from esci_dataset import LABEL_TEXT, LABELS, atomic_write
-from calibration import ECE_BINS, expected_calibration_error, reliability_bins
-from metrics import confusion_matrix, roc_auc
-from reranker import scores_from_probs
+from esci_dataset import LABEL_TEXT, LABELS
+from tiny_reranker.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+from tiny_reranker.io import atomic_write
+from tiny_reranker.metrics import confusion_matrix, roc_auc
+from tiny_reranker.scoring import scores_from_probs
 
 DPI = 100  # 4.5 x 3.6 in at 100 dpi -> 450 x 360 px: readable in a README, tens of KB as PNG
 PANEL = (4.5, 3.6)

@@ -8,7 +8,7 @@ once per rank in Python objects. A later run on the same data loads the cache to
 
 Columns, and nothing else (training runs with ``remove_unused_columns=False``):
 
-* ``input_ids``: int32 prompt token ids, exactly as :class:`esci_dataset.PromptEncoder` builds them
+* ``input_ids``: int32 prompt token ids, exactly as ``esci_dataset.encode_rows`` builds them
 * ``labels``: the class index in ``LABELS`` order
 * ``length``: ``len(input_ids)``; the Trainer's length-grouped sampler reads it (``length_column_name``)
 
@@ -34,7 +34,8 @@ import pandas as pd
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, Features, Sequence, Value, load_from_disk
 
-from esci_dataset import LABEL_TO_ID, LABELS, PromptEncoder, plain_text_tokenizer
+from esci_dataset import LABELS, PromptEncoder, encode_rows, plain_text_tokenizer
+from tiny_reranker.io import read_json_object, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def split_fingerprint(df: pd.DataFrame, source: str, encoder: PromptEncoder) -> 
     stat = os.stat(source)
     rows = hashlib.sha256(df.index.to_numpy(dtype="int64").tobytes()).hexdigest()
     parts = {
-        "code": [inspect.getsource(f) for f in (type(encoder), plain_text_tokenizer, _encode_rows, _features)],
+        "code": [inspect.getsource(f) for f in (type(encoder), plain_text_tokenizer, encode_rows, _encode_rows, _features)],
         "source": [os.path.realpath(source), stat.st_size, stat.st_mtime_ns],
         "rows": [len(df), rows],
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
@@ -91,14 +92,9 @@ def _encode_rows(batch: dict, encoder: PromptEncoder) -> dict:
     lost with them. The column is summed and dropped before the split is saved.
     """
     before = encoder.n_items_cut_below_half
-    ids = encoder.encode_batch(batch["query"], batch["item_text"])
-    cut = encoder.n_items_cut_below_half - before
-    return {
-        "input_ids": ids,
-        "labels": [LABEL_TO_ID[label] for label in batch["esci_label"]],
-        "length": [len(row) for row in ids],
-        "items_cut": [cut] + [0] * (len(ids) - 1),
-    }
+    rows = encode_rows(encoder, batch["query"], batch["item_text"], batch["esci_label"])
+    rows["items_cut"] = [encoder.n_items_cut_below_half - before] + [0] * (len(rows["input_ids"]) - 1)
+    return rows
 
 
 def _encoder_for_workers(encoder: PromptEncoder) -> PromptEncoder:
@@ -141,8 +137,7 @@ def build_split(df: pd.DataFrame, encoder: PromptEncoder, folder: str, num_proc:
         stats = {"rows": len(mapped), "items_cut_below_half": pc.sum(mapped.data.column("items_cut")).as_py() or 0}
         mapped.remove_columns("items_cut").save_to_disk(os.path.join(tmp, "dataset"))
         del texts, mapped
-        with open(os.path.join(tmp, "dataset", STATS_NAME), "w") as f:
-            json.dump(stats, f)
+        write_json(os.path.join(tmp, "dataset", STATS_NAME), stats)
         try:
             os.rename(os.path.join(tmp, "dataset"), folder)
         except OSError:
@@ -168,8 +163,7 @@ class TokenizedSplit(Dataset):
 
 def load_split(folder: str, encoder: PromptEncoder) -> TokenizedSplit:
     """The saved split, memory-mapped; its truncation counts are added to ``encoder``'s."""
-    with open(os.path.join(folder, STATS_NAME)) as f:
-        stats = json.load(f)
+    stats = read_json_object(os.path.join(folder, STATS_NAME))
     encoder.n_encoded += stats["rows"]
     encoder.n_items_cut_below_half += stats["items_cut_below_half"]
     saved = load_from_disk(folder, keep_in_memory=False)

@@ -1,8 +1,8 @@
-"""The reference side of bench.py: a synthetic workload with ESCI's length mix, peak-memory sampling, and
+"""The reference side of ``bench.py``: a synthetic workload with ESCI's length mix, peak-memory sampling, and
 the recipes ours is measured against, as published (Qwen3-Reranker's transformers example) or as a
 stock causal-LM fine-tune would run them.
 
-Kept apart from bench.py (the timing harness and its CLI) so each reads in one sitting.
+``bench.py`` (the timing harness and its CLI) stays a script at the top; this is what it measures with.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import time
 import numpy as np
 import torch
 
-from batching import collate_left_padded, length_sorted_batches
-from demo import build_tiny_model, qwen3_tokenizer_dir
-from modeling import load_tokenizer, pick_attn_implementation
+from tiny_reranker.batching import collate_left_padded, length_sorted_batches
+from tiny_reranker.demo_model import build_tiny_model, qwen3_tokenizer_dir
+from tiny_reranker.model_files import check_model_paths
+from tiny_reranker.modeling import load_base_model, load_tokenizer, pick_attn_implementation
 
 # Qwen3-tokenizer token counts of query + item_text on real ESCI US rows (title, brand, color, bullets).
 ESCI_TOKEN_QUANTILES = [(0.0, 8), (0.05, 19), (0.25, 91), (0.50, 170), (0.75, 268), (0.95, 414), (0.99, 560), (1.0, 700)]
@@ -57,22 +58,22 @@ def synthetic_pairs(tokenizer, n_queries: int, items_per_query: int, seed: int) 
 
 
 def load_bench_model(spec: str, dtype: torch.dtype, workdir: str):
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """``(model, tokenizer)`` for ``bench.py --model``: ``tiny``, ``qwen3-0.6b`` (the real shape, random init, no
+    download) or a model folder, loaded as every CLI loads one (safetensors only)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    attn = pick_attn_implementation()
-    if attn == "flash_attention_2" and dtype == torch.float32:
-        attn = "sdpa"
     if spec == "tiny":
         path = build_tiny_model(os.path.join(workdir, "tiny-qwen3"))
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn), load_tokenizer(path)
+        return load_base_model(path, dtype), load_tokenizer(path)
     if spec == "qwen3-0.6b":
         tokenizer = load_tokenizer(qwen3_tokenizer_dir())
-        config = Qwen3Config(**QWEN3_06B_SHAPE, pad_token_id=tokenizer.pad_token_id)
-        config._attn_implementation = attn
+        config = Qwen3Config(**QWEN3_06B_SHAPE, pad_token_id=tokenizer.pad_token_id,
+                             attn_implementation=pick_attn_implementation(dtype=dtype))
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = Qwen3ForCausalLM(config).to(dtype)
         return model, tokenizer
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation=attn), load_tokenizer(spec)
+    check_model_paths(spec)
+    return load_base_model(spec, dtype), load_tokenizer(spec)
 
 
 # ---------------------------------------------------------------------------

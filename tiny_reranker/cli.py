@@ -1,7 +1,8 @@
-"""What every CLI shares: one error path, output checks before the work, strict JSON, and no lost work.
+"""What every CLI shares, and the only module that knows argparse: the parser, the shared flag groups,
+output checks before the work, logging set-up, one error path, and no lost work.
 
-Library code (``reranker.py``, ``esci_dataset.py``) does not import this module: it is for
-the ``main()`` of each script. The user-error type stays :class:`esci_dataset.ESCIDataError`.
+Library modules take typed values; scripts turn their flags into those here or in their own ``main()``.
+The user-error type stays :class:`esci_dataset.ESCIDataError`.
 
     try:
         check_output_file(args.output, "--output")        # before any slow step
@@ -16,18 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import logging
 import os
 import re
 import sys
 import tempfile
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
-
-from batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
-from esci_dataset import ESCIDataError, atomic_write
+from esci_dataset import ESCIDataError
+from tiny_reranker.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+from tiny_reranker.io import atomic_write
 
 USER_ERROR = 2  # exit code for bad input, as argparse uses for bad flags; internal bugs stay tracebacks (1)
 
@@ -57,8 +57,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------
-# Errors
+# Logging and errors
 # ---------------------------------------------------------------------------
+def set_up_logging(logger: logging.Logger, args: argparse.Namespace, is_main: bool = True, stream=None) -> None:
+    """INFO on the main process, where ``logger`` (the script's) logs the flags once; warnings only on the other
+    ranks under torchrun. ``stream``: where log lines go (default stderr, so stdout can carry JSON lines)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=stream or sys.stderr,
+                        level=logging.INFO if is_main else logging.WARNING)
+    if is_main:
+        logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
+
+
 def cli_error(error: BaseException | str) -> int:
     """Print ``error: <message>`` as one paragraph on stderr and return the exit code 2."""
     message = re.sub(r"\s*\n\s*", " ", str(error).strip())  # one paragraph; spaces inside values are kept
@@ -120,53 +129,6 @@ def check_output_dir(path: str, flag: str) -> None:
 # ---------------------------------------------------------------------------
 # Strict JSON
 # ---------------------------------------------------------------------------
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN/±inf (and pandas NA/NaT) as None and numpy scalars/arrays as Python types.
-
-    Everything else is left for ``json.dumps``'s ``default``.
-    """
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    if type(value).__name__ in ("NAType", "NaTType"):  # pandas missing values, without importing pandas
-        return None
-    return value
-
-
-def dumps_strict(obj: Any, **kwargs) -> str:
-    """``json.dumps`` that never writes ``NaN``/``Infinity`` (they become ``null``); other types via ``str``."""
-    kwargs.setdefault("default", str)  # timestamps, decimals, ...
-    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
-
-
-def atomic_write_file(path: str, write: Callable[[str], None]) -> None:
-    """``esci_dataset.atomic_write``, after creating ``path``'s folder if needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, write)
-
-
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) atomically: ``path`` is complete or untouched."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write_file(path, write)
-
-
-def write_json(path: str, obj: Any, indent: int = 2) -> None:
-    """Write ``obj`` as strict JSON (NaN/±inf -> null), atomically: ``path`` is complete or untouched."""
-    write_text(path, dumps_strict(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -187,13 +149,13 @@ def save_or_fallback(path: str, write: Callable[[str], None], flag: str, fallbac
     never thrown away for want of disk space.
     """
     try:
-        atomic_write_file(path, write)
+        atomic_write(path, write)
         return 0
     except OSError as exc:
         first = f"{flag} {path}: writing failed ({exc.strerror or exc})"
     backup = fallback_path(path, fallback_dir)
     try:
-        atomic_write_file(backup, write)
+        atomic_write(backup, write)
     except OSError as exc:
         return cli_error(f"{first}; the fallback {backup} failed too ({exc.strerror or exc}), so the results are lost")
     return cli_error(f"{first}; the results were saved to {backup} instead")
@@ -218,6 +180,19 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def add_dtype_args(group, what: str) -> None:
+    """``--dtype`` and its shorthand ``--bf16`` (one definition for train.py, eval.py and predict.py);
+    :func:`dtype_flag` folds the two into one value."""
+    group.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                       help=f"{what}; auto = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
+    group.add_argument("--bf16", action="store_true", help="shorthand for --dtype bf16")
+
+
+def dtype_flag(args: argparse.Namespace) -> str:
+    """The dtype :func:`add_dtype_args`' flags ask for: ``bf16`` under --bf16, else --dtype's value."""
+    return "bf16" if args.bf16 else args.dtype
+
+
 def add_inference_args(parser) -> None:
     """The model and batching flags shared by eval.py and predict.py (one definition, one help text)."""
     g = parser.add_argument_group("model")
@@ -225,9 +200,7 @@ def add_inference_args(parser) -> None:
                    help="base causal LM folder or hub id (the one the adapter was trained on), or a merged export")
     g.add_argument("--lora_model", type=str, default=None,
                    help="LoRA adapter folder from train.py; omit for the zero-shot baseline or a merged export")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="weights dtype; auto = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
-    g.add_argument("--bf16", action="store_true", help="shorthand for --dtype bf16")
+    add_dtype_args(g, "weights dtype")
     g.add_argument("--no_flash_attn", action="store_true", help="force PyTorch sdpa attention even when flash-attn is installed")
     g.add_argument("--no_temperature", action="store_true",
                    help="score with the raw label logits, ignoring the temperature train.py --calibrate stored in "
@@ -242,12 +215,13 @@ def add_inference_args(parser) -> None:
                    help="most padded tokens per forward pass; long items go in smaller batches (0 = no limit)")
 
 
-def reranker_from_args(args, device=None):
-    """Load the :class:`Reranker` the shared flags describe (raises ESCIDataError / OSError / ValueError)."""
-    from reranker import Reranker
+def reranker_from_args(args: argparse.Namespace, device=None):
+    """Load the :class:`Reranker` :func:`add_inference_args`' flags describe (raises ESCIDataError / OSError /
+    ValueError)."""
+    from tiny_reranker.reranker import Reranker
 
     return Reranker.from_pretrained(args.base_model, args.lora_model, device=device,
-                                    dtype="bf16" if args.bf16 else args.dtype, max_length=args.max_length,
+                                    dtype=dtype_flag(args), max_length=args.max_length,
                                     batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens or None,
                                     no_flash_attn=args.no_flash_attn, temperature=1.0 if args.no_temperature else None)
 

@@ -33,7 +33,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from esci_dataset import LABEL_TO_ID, LABELS, ESCIDataError, load_esci_parquet, query_groups
+from esci_dataset import LABEL_TO_ID, ESCIDataError, load_esci_parquet
 from tiny_reranker import distributed
 from tiny_reranker.cli import (
     ArgumentParser,
@@ -46,21 +46,20 @@ from tiny_reranker.cli import (
     save_or_fallback,
     set_up_logging,
 )
-from tiny_reranker.contract import LABEL_CONFIG_NAME, stored_temperature
+from tiny_reranker.contract import LABEL_CONFIG_NAME
 from tiny_reranker.io import write_json
-from tiny_reranker.metrics import breakdown, evaluation_report, format_report, mean_ndcg
 from tiny_reranker.model_files import check_model_paths
-from tiny_reranker.scoring import (
-    OUTPUT_COLUMNS,
-    PROB_COLUMNS,
-    prediction_columns,
-    probs_from_logits,
-    scores_from_probs,
+from tiny_reranker.report import (
+    build_report,
+    misclassified_examples,
+    print_report,
+    scores_frame,
+    temperature_info,
+    temperature_line,
 )
+from tiny_reranker.scoring import OUTPUT_COLUMNS, probs_from_logits
 
 logger = logging.getLogger("eval")
-N_SHOWN = 5  # worst queries and confident mistakes printed and kept in the JSON
-LOCALE_COLUMN = "product_locale"  # an eval file with several (prepare_esci --locale all) gets metrics per locale
 SCORE_FORMATS = (".parquet", ".csv")
 SCORE_COLUMNS = ("true_label", *OUTPUT_COLUMNS)  # what --save_scores_path adds to the input columns
 
@@ -141,108 +140,6 @@ def write_table(frame: pd.DataFrame, tmp: str, path: str) -> None:
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
-def scores_frame(df: pd.DataFrame, probs: np.ndarray, prefix: str = "") -> pd.DataFrame:
-    """Input columns + true label + prediction + probabilities + score (ours named ``prefix + name``),
-    one row per input, input order."""
-    out = df.copy()
-    out[prefix + "true_label"] = df["esci_label"]
-    columns = prediction_columns(probs)
-    out[prefix + "pred_label"] = columns.pop("pred_label")
-    for name, values in columns.items():
-        out[prefix + name] = values
-    return out
-
-
-def misclassified_examples(frame: pd.DataFrame, n: int = N_SHOWN) -> list[dict]:
-    """The ``n`` most confident wrong predictions."""
-    wrong = frame[frame["true_label"] != frame["pred_label"]]
-    confidence = wrong[list(PROB_COLUMNS)].max(axis=1)
-    rows = wrong.loc[confidence.sort_values(ascending=False).index[:n]]
-    return [
-        {"row": int(i), "query": r["query"], "item_text": r["item_text"][:200], "true": r["true_label"],
-         "pred": r["pred_label"], **{c: round(float(r[c]), 4) for c in PROB_COLUMNS}}
-        for i, r in rows.iterrows()
-    ]
-
-
-def describe_worst_queries(rows: list[dict], df: pd.DataFrame) -> list[dict]:
-    """``metrics.worst_queries`` rows plus the query text and its label counts, so a reader sees why."""
-    keys = query_groups(df).astype(str)
-    out = []
-    for row in rows:
-        mine = df[keys == str(row["query_id"])]
-        counts = mine["esci_label"].value_counts()
-        out.append({**row, "query": mine["query"].iloc[0],
-                    "labels": {label: int(counts.get(label, 0)) for label in LABELS}})
-    return out
-
-
-def temperature_info(args) -> dict:
-    """The stored temperature (None if none), whether scoring applies it, and where it came from."""
-    stored = stored_temperature(args.base_model, args.lora_model)
-    source = os.path.join(args.lora_model or args.base_model, LABEL_CONFIG_NAME) if stored is not None else None
-    return {"value": stored, "applied": stored is not None and not args.no_temperature, "source": source}
-
-
-def build_report(df: pd.DataFrame, logits: np.ndarray, probs: np.ndarray, temperature: dict) -> dict:
-    """The metrics dict for ``probs`` (what was applied), with the raw model's calibration before/after T.
-
-    ``ece``/``brier``/``nll`` describe the raw logits' probabilities; ``calibration`` gives them, and
-    the nDCG, before and after the stored temperature; ranking metrics use the applied score.
-    """
-    y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
-    groups = query_groups(df).to_numpy()
-    raw, scores = probs_from_logits(logits), scores_from_probs(probs)
-    report = evaluation_report(y_true, raw, scores, groups, temperature=temperature["value"],
-                               n_worst=N_SHOWN)
-    report["temperature"] = temperature
-    if temperature["value"] is not None:
-        # A temperature can reorder items: rank once more with the scoring that was NOT applied.
-        not_applied = raw if temperature["applied"] else probs_from_logits(logits, temperature["value"])
-        ndcg_other = mean_ndcg(groups, y_true, scores_from_probs(not_applied))[0]
-        without_t, with_t = (ndcg_other, report["ndcg"]) if temperature["applied"] else (report["ndcg"], ndcg_other)
-        report["calibration"].update(ndcg_before=without_t, ndcg_after=with_t)
-    report["worst_queries"] = describe_worst_queries(report["worst_queries"], df)
-    if LOCALE_COLUMN in df.columns and df[LOCALE_COLUMN].nunique(dropna=False) > 1:  # e.g. prepare_esci --locale all
-        report["by_locale"] = breakdown(df[LOCALE_COLUMN].to_numpy(), y_true, probs.argmax(axis=1), scores, groups)
-    return report
-
-
-def temperature_line(temperature: dict) -> str:
-    t = temperature
-    if t["value"] is None:
-        return "temperature: none stored, raw logits (train.py --calibrate fits one)"
-    if t["applied"]:
-        return (f"temperature: T={t['value']:.4f} from {t['source']}, applied: P = softmax(logits / T) "
-                "(--no_temperature scores the raw logits)")
-    return f"temperature: T={t['value']:.4f} stored in {t['source']} but not applied (--no_temperature): raw logits"
-
-
-def print_report(report: dict, adapter: str | None) -> None:
-    """format_report's tables, the temperature under the header, then worst queries and confident mistakes."""
-    text = format_report({k: v for k, v in report.items() if k != "worst_queries"}, adapter=adapter)
-    header, _, body = text.partition("\n\n")
-    print("\n\n".join([header + "\n" + temperature_line(report["temperature"]), body]))
-    c = report.get("calibration", {})
-    if c.get("ndcg_before") is not None:
-        print(f"  nDCG without -> with the temperature: {c['ndcg_before']:.4f} -> {c['ndcg_after']:.4f}"
-              " (it can reorder items by score)")
-    if report.get("by_locale"):
-        print(f"\nby {LOCALE_COLUMN}:{'n':>9}  accuracy  macro_f1  majority      nDCG")
-        for locale, m in report["by_locale"].items():
-            ndcg = "n/a" if m["ndcg"] is None else f"{m['ndcg']:.4f}"
-            print(f"  {locale:<17}{m['n']:>8d}  {m['accuracy']:>8.4f}  {m['macro_f1']:>8.4f}  "
-                  f"{m['majority_accuracy']:>8.4f}  {ndcg:>8}")
-    if report.get("worst_queries"):
-        print("\nworst queries by nDCG:")
-        for q in report["worst_queries"]:
-            mix = " ".join(f"{label}{n}" for label, n in q["labels"].items())
-            print(f"  nDCG {q['ndcg']:.4f}  {q['n_items']:>4d} items ({mix})  {q['query'][:80]!r}")
-    print("\nmost confident mistakes:")
-    for ex in report["misclassified_examples"]:
-        confidence = max(ex[c] for c in PROB_COLUMNS)
-        print(f"  row {ex['row']}: true {ex['true']} pred {ex['pred']} (p {confidence:.2f}) | {ex['query']!r} | "
-              f"{ex['item_text'][:80]!r}")
 
 
 def logged(what: str, path: str, rc: int) -> int:
@@ -284,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs(args, metrics_path)
         df = load_eval_data(args)
         reranker = reranker_from_args(args, device=shard.device)
-        temperature = temperature_info(args)
+        temperature = temperature_info(args.base_model, args.lora_model, args.no_temperature)
     except ESCIDataError as exc:
         return cli_error(exc)
     except (OSError, ValueError) as exc:

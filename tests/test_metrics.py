@@ -18,7 +18,6 @@ from tiny_reranker.metrics import (
     confusion_matrix,
     esci_tasks,
     evaluation_report,
-    format_report,
     majority_baseline,
     mean_ndcg,
     ndcg,
@@ -29,6 +28,7 @@ from tiny_reranker.metrics import (
     task3_substitute_micro_f1,
     worst_queries,
 )
+from tiny_reranker.report import format_report
 from tiny_reranker.scoring import scores_from_probs, softmax
 
 E, S, C, I = 0, 1, 2, 3

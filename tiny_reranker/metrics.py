@@ -1,4 +1,4 @@
-"""Evaluation metrics: pure functions of numpy arrays, plus the readable report.
+"""Evaluation metrics: pure functions of numpy arrays (``report.py`` turns them into eval.py's report).
 
 Labels are ints 0..3 in ``LABELS`` order everywhere in this module. ``probs`` are ``[N, 4]`` rows
 that sum to 1; ``scores`` are the ranking scores ``[N]``; ``query_ids`` / ``groups`` are ``[N]``.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from esci_dataset import LABEL_TEXT, LABELS, SCORE_WEIGHTS
-from tiny_reranker.calibration import ECE_BINS, brier_score, calibration_before_after, expected_calibration_error, nll
+from esci_dataset import LABELS
+from tiny_reranker.calibration import brier_score, calibration_before_after, expected_calibration_error, nll
 
 # ESCI ranking gains for nDCG (Amazon's Shopping Queries paper): exact 1.0, substitute 0.1, complement 0.01.
 NDCG_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
@@ -286,69 +286,3 @@ def breakdown(by: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, scores: np
     return out
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _legend() -> list[str]:
-    """Label meanings and the score formula, built from esci_dataset so they cannot drift from the code."""
-    meanings = ", ".join(f"{label} = {LABEL_TEXT[label]}" for label in LABELS)
-    terms = " + ".join(f"{SCORE_WEIGHTS[label]:g}·P({label})" for label in LABELS if SCORE_WEIGHTS[label])
-    return [f"labels: {meanings}", f"score = ({terms}) / {max(SCORE_WEIGHTS.values()):g}"]
-
-
-_NOT_GIVEN = object()
-
-
-def _model_line(report: dict, adapter) -> str:
-    """Which adapter was evaluated: the argument, else ``report['adapter']``, else eval.py's ``config``."""
-    if adapter is _NOT_GIVEN:
-        if "adapter" in report:
-            adapter = report["adapter"]
-        elif "lora_model" in report.get("config", {}):
-            adapter = report["config"]["lora_model"]
-        else:
-            return "model: adapter not recorded"
-    return f"model: adapter {adapter}" if adapter else "model: zero-shot (no adapter loaded)"
-
-
-def format_report(report: dict, adapter: str | None = _NOT_GIVEN) -> str:
-    """The report as readable text tables. ``adapter``: path, or None for zero-shot."""
-    base = report["majority_baseline"]
-    lines = [_model_line(report, adapter), *_legend(), f"pairs evaluated: {report['n']}", ""]
-    lines.append(f"{'metric':<14}{'model':>10}{'majority(' + base['label'] + ')':>16}")
-    for key in ("accuracy", "micro_f1", "macro_f1"):
-        lines.append(f"{key:<14}{report[key]:>10.4f}{base[key]:>16.4f}")
-    lines += ["", f"{'class':<8}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
-    for label, row in report["per_class"].items():
-        lines.append(f"{label:<8}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>10d}")
-    lines += ["", "confusion matrix (rows = true, cols = predicted)", "      " + "".join(f"{label:>8}" for label in LABELS)]
-    for label, row in zip(LABELS, report["confusion_matrix"]["rows_true_cols_pred"]):
-        lines.append(f"{label:<6}" + "".join(f"{v:>8d}" for v in row))
-    lines += ["", "mean score by true label: " + "  ".join(
-        f"{label}={_fmt(v)}" for label, v in report["mean_score_by_true_label"].items())]
-    lines.append(f"ROC-AUC  E vs rest: {_fmt(report['roc_auc_E_vs_rest'])}   E+S vs C+I: {_fmt(report['roc_auc_ES_vs_CI'])}")
-    if "ndcg" in report:
-        lines.append(f"nDCG (ESCI gains 1/0.1/0.01/0): {_fmt(report['ndcg'])}   nDCG@10: {_fmt(report['ndcg@10'])}"
-                     f"   over {report['ndcg_queries']} queries")
-    if "esci_tasks" in report:
-        t = report["esci_tasks"]
-        lines += ["", "ESCI benchmark tasks (KDD Cup 2022)",
-                  f"  task 1 query-product ranking, nDCG:           {_fmt(t['task1_ranking_ndcg'])}",
-                  f"  task 2 E/S/C/I classification, micro-F1:      {_fmt(t['task2_esci_micro_f1'])}"
-                  f"   macro-F1: {_fmt(t['task2_esci_macro_f1'])}",
-                  f"  task 3 substitute identification, micro-F1:   {_fmt(t['task3_substitute_micro_f1'])}"
-                  f"   (always not-S: {_fmt(t['task3_majority_micro_f1'])})"]
-    if "ece" in report:
-        lines += ["", f"calibration (top-class probability, {ECE_BINS} bins): ECE {_fmt(report['ece'])}"
-                      f"   Brier {_fmt(report['brier'])}   NLL {_fmt(report['nll'])}"]
-    if "calibration" in report:
-        c = report["calibration"]
-        lines.append(f"  with temperature T={c['temperature']:.3f}: "
-                     + "   ".join(f"{name} {_fmt(c[key + '_before'])} -> {_fmt(c[key + '_after'])}"
-                                  for name, key in (("ECE", "ece"), ("Brier", "brier"), ("NLL", "nll"))))
-    if report.get("worst_queries"):
-        lines += ["", "worst queries by nDCG:"]
-        for row in report["worst_queries"]:
-            lines.append(f"  nDCG {row['ndcg']:.4f}  {row['n_items']:>4d} items  query {str(row['query_id'])[:80]!r}")
-    return "\n".join(lines)

@@ -43,7 +43,7 @@ from tiny_reranker.benchmark import (
     reference_eval,
     synthetic_pairs,
 )
-from tiny_reranker.cli import ArgumentParser, positive_int
+from tiny_reranker.cli import ArgumentParser, add_dtype_args, dtype_flag, positive_int
 from tiny_reranker.io import write_json
 from tiny_reranker.modeling import apply_lora, attach_label_head, detach_label_head, resolve_dtype
 from tiny_reranker.reranker import Reranker
@@ -59,8 +59,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats per side; median and spread are reported")
     p.add_argument("--eval_batch_size", type=positive_int, default=16, help="pairs per batch for the reference eval recipe")
     p.add_argument("--train_batch_size", type=positive_int, default=8, help="pairs per training step, both sides")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="both sides use it; auto = bf16 on CUDA or a CPU with avx512_bf16/AMX, else fp32")
+    add_dtype_args(p, "the dtype both sides use")
     p.add_argument("--whole_process", action="store_true",
                    help="also time eval.py as a user runs it (a fresh process) against the published recipe as a script")
     p.add_argument("--reference_process", action="store_true", help=argparse.SUPPRESS)  # internal: one reference run
@@ -249,6 +248,7 @@ def _median_spread(values):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    args.dtype = dtype_flag(args)  # --bf16 folded in once
     if args.reference_process:
         return reference_process(args)
     workdir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tiny-reranker-bench-{os.getpid()}")

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 LABELS = ("E", "S", "C", "I")  # this order everywhere: logits, probs, reports
 LABEL_TEXT = {"E": "exact", "S": "substitute", "C": "complement", "I": "irrelevant"}
 LABEL_TO_ID = {label: i for i, label in enumerate(LABELS)}
-# Weights of the ranking score (3·P(E) + 2·P(S) + 1·P(C)) / 3 (modeling.scores_from_probs); not the nDCG gains
+# Weights of the ranking score (3·P(E) + 2·P(S) + 1·P(C)) / 3 (tiny_reranker.scoring.scores_from_probs); not the nDCG gains
 # (metrics.NDCG_GAINS: 1 / 0.1 / 0.01 / 0), which grade relevance for evaluation.
 SCORE_WEIGHTS = {"E": 3.0, "S": 2.0, "C": 1.0, "I": 0.0}
 

@@ -140,8 +140,6 @@ def write_table(frame: pd.DataFrame, tmp: str, path: str) -> None:
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
-
-
 def logged(what: str, path: str, rc: int) -> int:
     """``rc`` of a write, logging the path when it succeeded (a failure has printed its own error)."""
     if rc == 0:

@@ -267,7 +267,7 @@ def test_bad_input_is_exit_2_with_a_message_naming_it(name, tmp_path, capsys, mo
 
 
 # ---------------------------------------------------------------------------
-# cli_utils
+# tiny_reranker.cli
 # ---------------------------------------------------------------------------
 def test_cli_error_prints_one_paragraph_and_returns_2(capsys):
     assert cli.cli_error(ESCIDataError("a.csv: column 'query'\n  row 1: '  '")) == 2

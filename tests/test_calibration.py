@@ -119,7 +119,9 @@ def test_stored_temperature_is_read_and_a_bad_one_is_refused():
     assert temperature_from_config({"temperature": 2}) == 2.0
     assert temperature_from_config({"temperature": None}) is None and temperature_from_config({}) is None
     assert temperature_from_config(None) is None
-    for bad in (0, -1.0, float("nan"), float("inf"), "2.5", True):
+    assert temperature_from_config({"temperature": 0.01}) == 0.01 and temperature_from_config({"temperature": 100}) == 100
+    # 1e-320 passes 0 < T < inf, then overflows every logit to inf; 1e308 makes every probability 0.25
+    for bad in (0, -1.0, float("nan"), float("inf"), "2.5", True, 1e-320, 1e308, 0.009, 101.0):
         with pytest.raises(ESCIDataError, match="x.json: temperature must be a positive number"):
             temperature_from_config({"temperature": bad}, "x.json")
 

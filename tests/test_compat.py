@@ -84,9 +84,10 @@ def test_trainer_hooks_exist_where_compat_uses_them(tmp_path):
 
 
 def test_the_eval_sampler_keeps_dataset_order_in_one_process():
-    one = types.SimpleNamespace(args=types.SimpleNamespace(world_size=1))
-    sampler = compat.sequential_eval_sampler(one, list(range(5)))
-    assert list(sampler) == [0, 1, 2, 3, 4]
-    several = types.SimpleNamespace(args=types.SimpleNamespace(world_size=2))
-    assert compat.sequential_eval_sampler(several, list(range(5))) is None  # accelerate shards in order
-    assert compat.sequential_eval_sampler(one, None) is None
+    class Fake(compat.SequentialEvalSampler):
+        def __init__(self, world_size):
+            self.args = types.SimpleNamespace(world_size=world_size)
+
+    assert list(Fake(1)._get_eval_sampler(list(range(5)))) == [0, 1, 2, 3, 4]
+    assert Fake(2)._get_eval_sampler(list(range(5))) is None  # accelerate shards in order
+    assert Fake(1)._get_eval_sampler(None) is None

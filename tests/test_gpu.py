@@ -9,7 +9,7 @@ import torch
 
 import train as train_cli
 from esci_dataset import PromptEncoder, label_token_ids
-from tiny_reranker import varlen
+from tiny_reranker import compat, varlen
 from tiny_reranker.batching import TrainStepCollator, collate_left_padded
 from tiny_reranker.forward import label_logits, step_logits
 from tiny_reranker.modeling import apply_lora, attach_label_head, load_base_model
@@ -35,7 +35,7 @@ def _packed_step_against_padded_step(tiny_model_dir, qwen3_tokenizer, packed_att
         model = load_base_model(tiny_model_dir, torch.bfloat16, no_flash_attn=attn != "flash_attention_2").cuda()
         if attn == varlen.VARLEN_ATTENTION:
             assert varlen.choose_packed_attention(model)  # CUDA + bf16 + PyTorch's kernel: sdpa is switched
-        assert model.config._attn_implementation == attn
+        assert compat.attn_implementation(model) == attn
         model = apply_lora(attach_label_head(model, label_token_ids(qwen3_tokenizer)), 4, 8, 0.0, "all-linear")
         for name, p in model.named_parameters():
             if "lora_B" in name:

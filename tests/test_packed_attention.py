@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from esci_dataset import PromptEncoder
+from tiny_reranker import compat
 from tiny_reranker import trainer as training
 from tiny_reranker import varlen
 from tiny_reranker.batching import TrainStepCollator, collate_left_padded, collate_packed
@@ -126,7 +127,7 @@ def test_cuda_bf16_training_switches_sdpa_to_the_varlen_implementation(lora_mode
     base = lora_model.get_base_model()
     try:
         assert varlen.choose_packed_attention(lora_model)
-        assert base.config._attn_implementation == varlen.VARLEN_ATTENTION
+        assert compat.attn_implementation(base) == varlen.VARLEN_ATTENTION
         assert varlen.choose_packed_attention(lora_model)  # already switched: still packs
     finally:
         base.set_attn_implementation("sdpa")
@@ -137,7 +138,7 @@ def test_cpu_training_keeps_micro_batches(lora_model):
     if torch.cuda.is_available():
         pytest.skip("CPU decision")
     assert not varlen.choose_packed_attention(lora_model)
-    assert lora_model.get_base_model().config._attn_implementation == "sdpa"
+    assert compat.attn_implementation(lora_model.get_base_model()) == "sdpa"
 
 
 def _kernel_semantics(q, k, v, cu_q, cu_k, causal: bool, scale=None):

@@ -1,4 +1,4 @@
-"""tokenized.py: the same token ids as PromptEncoder, a cache keyed on everything that decides the ids. (One
+"""tiny_reranker/data_cache.py: the same token ids as PromptEncoder, a cache keyed on everything that decides the ids. (One
 tokenization per node under torchrun is checked in test_training_runs.py, in its torchrun run.)"""
 
 import os

@@ -243,10 +243,3 @@ class TrainStepCollator:
                                  else collate_left_padded(rows, self.pad_token_id, self.skip_prefix))
         order = torch.as_tensor(np.concatenate(groups), dtype=torch.long)
         return {"micro_batches": micro_batches, "order": order, "labels": labels}
-
-
-# ---------------------------------------------------------------------------
-# Prefix reuse
-# ---------------------------------------------------------------------------
-
-

@@ -68,7 +68,8 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """
     logits = np.asarray(logits, dtype=float)
     # Search log T: T stays positive and the NLL is better conditioned. T in TEMPERATURE_RANGE is ample.
-    # The NLL is convex in 1/T, so it has one minimum over log T and a golden-section search finds it.
+    # The NLL is convex in 1/T, so it has one minimum over log T and a golden-section search finds it
+    # (scipy's minimize_scalar would too, but scipy is not a runtime dependency; tests hold ours to it).
     log_t = _golden_section_minimum(lambda log_t: nll(softmax(logits, np.exp(log_t)), y_true),
                                     *np.log(TEMPERATURE_RANGE), tol=1e-6)
     return float(np.exp(log_t))

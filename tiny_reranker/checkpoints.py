@@ -19,6 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from esci_dataset import ESCIDataError
 from tiny_reranker.contract import RUN_CONFIG_NAME
 from tiny_reranker.io import read_json_object
+from tiny_reranker.model_files import safetensors_names
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,8 @@ def checkpoint_problem(folder: str) -> str | None:
             if missing(name):
                 return f"{name} is missing"
         read_json_object(os.path.join(folder, "adapter_config.json"))
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
-            if not list(f.keys()):
-                return "adapter_model.safetensors holds no tensors"
+        if not safetensors_names(os.path.join(folder, "adapter_model.safetensors")):
+            return "adapter_model.safetensors holds no tensors"
     except Exception as exc:  # truncated or corrupt files raise many types
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     for name in ("optimizer.pt", "scheduler.pt"):

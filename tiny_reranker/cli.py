@@ -127,11 +127,6 @@ def check_output_dir(path: str, flag: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Strict JSON
-# ---------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------
 # Keeping finished work when the final write fails
 # ---------------------------------------------------------------------------
 def fallback_path(path: str, fallback_dir: str | None = None) -> str:
@@ -224,5 +219,3 @@ def reranker_from_args(args: argparse.Namespace, device=None):
                                     dtype=dtype_flag(args), max_length=args.max_length,
                                     batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens or None,
                                     no_flash_attn=args.no_flash_attn, temperature=1.0 if args.no_temperature else None)
-
-

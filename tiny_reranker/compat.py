@@ -135,14 +135,16 @@ def disable_loss_kwargs(trainer) -> None:
     trainer.model_accepts_loss_kwargs = False
 
 
-def sequential_eval_sampler(trainer, eval_dataset):
-    """The sampler for ``Trainer._get_eval_sampler`` (a private hook; there is no public one in 5.x): dataset
-    order, or None (accelerate shards the batches in order) under torchrun. The stock one length-groups eval
-    batches too under ``train_sampling_strategy="group_by_length"`` (transformers 5.x), which misaligns
-    predictions with the queries they belong to."""
-    if eval_dataset is None or trainer.args.world_size > 1:
-        return None
-    return torch.utils.data.SequentialSampler(eval_dataset)
+class SequentialEvalSampler:
+    """A ``Trainer`` mixin: evaluation batches in dataset order (one process) or as accelerate shards them in
+    order (torchrun). It overrides ``Trainer._get_eval_sampler``, a private hook (there is no public one in
+    transformers 5.x): the stock one length-groups eval batches too under
+    ``train_sampling_strategy="group_by_length"``, which misaligns predictions with the queries they belong to."""
+
+    def _get_eval_sampler(self, eval_dataset):
+        if eval_dataset is None or self.args.world_size > 1:
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset)
 
 
 def prepare_manual_steps(trainer) -> None:

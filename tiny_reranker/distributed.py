@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 4 eval.py ...      (or NPROC=4 bash scripts/run_eval.sh)
 
 Rank ``r`` of ``W`` takes rows ``r, r + W, r + 2W, ...`` (strided, so a file sorted by query or
-category still gives every rank a similar mix of lengths) and scores them with the normal
+category still gives every rank a similar mix of lengths; accelerate's ``split_between_processes``
+hands out contiguous blocks, which is why it is not used) and scores them with the normal
 path. :meth:`Shard.gather` brings the results to rank 0 and puts every row back in its place.
 In one process (no torchrun) the shard is rank 0 of 1: all rows, nothing started or sent.
 

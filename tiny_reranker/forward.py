@@ -1,5 +1,5 @@
-"""The model's forward passes for the label head: the four label logits of a batch, of a training step, and
-the shared prompt prefix run once.
+"""The model's forward passes for the label head: the four label logits of a batch, of a training step, of a
+whole scoring set (:func:`logits_of_token_ids`, the one inference path), and the shared prompt prefix run once.
 
 The reranker reads the hidden state at the last prompt position and projects it onto the four label-token
 rows of the output embedding only (``modeling.LabelRowsHead``)::
@@ -16,12 +16,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from esci_dataset import LABELS
 from tiny_reranker import compat
-from tiny_reranker.batching import VARLEN_KEYS
+from tiny_reranker.batching import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_TOKENS,
+    VARLEN_KEYS,
+    collate_left_padded,
+    length_sorted_batches,
+    shared_prefix_len,
+)
 
 
 def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=None) -> torch.Tensor:
@@ -130,3 +138,33 @@ def encode_prefix(model: nn.Module, prefix_ids: Sequence[int]) -> PrefixKV:
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=True)
     cache = compat.output_cache(out)
     return PrefixKV([(layer.keys, layer.values) for layer in cache.layers])
+
+
+@torch.inference_mode()
+def logits_of_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int,
+                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False, prefix_ids: Sequence[int] = (),
+                        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
+    """Raw label logits ``[N, 4]`` (``LABELS`` order, float32) for encoded prompts, in input order.
+
+    Batches are length-sorted, token-budgeted and left-padded; results are
+    scattered back to the input order, so the output never depends on batching.
+    ``prefix_ids``: a prefix every prompt shares (the system turn and instruction).
+    Its keys/values are computed once and reused, so each pair only runs the
+    tokens after it; the numbers equal the full-prompt path (tested to 1e-5 in fp32).
+    """
+    logits_out = np.zeros((len(token_ids), len(LABELS)), dtype=np.float32)
+    if not len(token_ids):
+        return logits_out
+    device = next(model.parameters()).device
+    n_prefix = shared_prefix_len(token_ids, prefix_ids)
+    prefix_kv = encode_prefix(model, prefix_ids) if n_prefix else None
+    batches = length_sorted_batches([len(t) - n_prefix for t in token_ids], batch_size, max_batch_tokens)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="scoring", unit="batch")  # tqdm writes to stderr
+    for idx in batches:
+        batch = collate_left_padded([{"input_ids": token_ids[i][n_prefix:]} for i in idx], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits_out[idx] = label_logits(model, batch, prefix_kv=prefix_kv).float().cpu().numpy()
+    return logits_out

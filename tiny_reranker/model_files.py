@@ -22,6 +22,7 @@ def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
     paths (absolute, ``./``, ``../``, ``~``, or more than one ``/``) must exist, and
     a hub id that is not cached must be reachable. Only safetensors weights load.
     """
+    lora_model = os.path.expanduser(lora_model) if lora_model is not None else None
     if lora_model is not None:
         if not os.path.isdir(lora_model):
             raise ESCIDataError(f"lora_model {lora_model}: folder not found")
@@ -67,16 +68,23 @@ def check_base_model_kind(folder: str) -> None:
             f"export.py --format merged folder.")
 
 
+def safetensors_names(path: str) -> list[str]:
+    """The tensor names in a safetensors file, every tensor's header read (a damaged file raises)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        names = list(f.keys())
+        for name in names:
+            f.get_slice(name)
+    return names
+
+
 def check_safetensors_readable(path: str) -> None:
     """A truncated or corrupt weights file is a user error naming it, not a traceback from the loader."""
     if not os.path.isfile(path):
         return
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                f.get_slice(name)
+        safetensors_names(path)
     except Exception as exc:  # safetensors raises its own error type for every kind of damage
         raise ESCIDataError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0]}); "
                             "it may be truncated: copy it again or re-run the export/training") from None

@@ -176,8 +176,6 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: str):
 # ---------------------------------------------------------------------------
 # A reranker: base model (+ adapter) with the label head
 # ---------------------------------------------------------------------------
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

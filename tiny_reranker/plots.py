@@ -62,7 +62,7 @@ def roc_points(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.
     return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
 
 
-# Held-out metrics train.py logs at each evaluation (training.held_out_metrics), all in [0, 1].
+# Held-out metrics train.py logs at each evaluation (trainer.held_out_metrics), all in [0, 1].
 HELD_OUT_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_ndcg")
 
 

@@ -1,6 +1,6 @@
 """The Python API, and the one inference path: :class:`Reranker` scores (query, item_text) pairs.
 
-``eval.py``, ``predict.py`` and the API all end in :func:`logits_of_token_ids` and
+``eval.py``, ``predict.py`` and the API all end in ``forward.logits_of_token_ids`` and
 ``scoring.probs_from_logits``, so the same pair gets the same numbers wherever it is
 scored: prompts built by ``esci_dataset.PromptEncoder``, left-padded, length-sorted
 batches, softmax over the four label logits divided by the calibration temperature
@@ -16,51 +16,18 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from esci_dataset import DEFAULT_TEMPLATE, LABELS, PromptEncoder, PromptTemplate
+from esci_dataset import DEFAULT_TEMPLATE, PromptEncoder, PromptTemplate
 from tiny_reranker.batching import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BATCH_TOKENS,
-    collate_left_padded,
-    length_sorted_batches,
-    shared_prefix_len,
 )
 from tiny_reranker.contract import check_temperature, stored_temperature, stored_template
-from tiny_reranker.forward import encode_prefix, label_logits
+from tiny_reranker.forward import logits_of_token_ids
 from tiny_reranker.model_files import check_model_paths
 from tiny_reranker.modeling import load_reranker, reranker_tokenizer, resolve_dtype
 from tiny_reranker.scoring import prediction_records, probs_from_logits, rank_results
 
 logger = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def logits_of_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int,
-                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False, prefix_ids: Sequence[int] = (),
-                        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
-    """Raw label logits ``[N, 4]`` (``LABELS`` order, float32) for encoded prompts, in input order.
-
-    Batches are length-sorted, token-budgeted and left-padded; results are
-    scattered back to the input order, so the output never depends on batching.
-    ``prefix_ids``: a prefix every prompt shares (the system turn and instruction).
-    Its keys/values are computed once and reused, so each pair only runs the
-    tokens after it; the numbers equal the full-prompt path (tested to 1e-5 in fp32).
-    """
-    logits_out = np.zeros((len(token_ids), len(LABELS)), dtype=np.float32)
-    if not len(token_ids):
-        return logits_out
-    device = next(model.parameters()).device
-    n_prefix = shared_prefix_len(token_ids, prefix_ids)
-    prefix_kv = encode_prefix(model, prefix_ids) if n_prefix else None
-    batches = length_sorted_batches([len(t) - n_prefix for t in token_ids], batch_size, max_batch_tokens)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="scoring", unit="batch")  # tqdm writes to stderr
-    for idx in batches:
-        batch = collate_left_padded([{"input_ids": token_ids[i][n_prefix:]} for i in idx], pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits_out[idx] = label_logits(model, batch, prefix_kv=prefix_kv).float().cpu().numpy()
-    return logits_out
 
 
 def _check_texts(values: Sequence, what: str) -> None:
@@ -174,5 +141,3 @@ class Reranker:
             raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
         items = list(items)
         return rank_results(items, prediction_records(self.predict_probs([query] * len(items), items)), top_k)
-
-

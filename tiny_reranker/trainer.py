@@ -60,11 +60,13 @@ def held_out_metrics(groups) -> Callable[[EvalPrediction], dict[str, float]]:
     return compute_metrics
 
 
-class LabelHeadTrainer(Trainer):
+class LabelHeadTrainer(compat.SequentialEvalSampler, Trainer):
     """The stock Trainer with CE over the label head on :class:`batching.TrainStepCollator` steps.
 
     ``prefix_ids``: the shared prompt prefix the collator left out; it runs once
-    per step and every micro-batch attends to its keys/values.
+    per step and every micro-batch attends to its keys/values. Held-out batches stay in
+    dataset order (:class:`compat.SequentialEvalSampler`): ``held_out_metrics`` matches
+    predictions to queries by position.
     """
 
     # Our loss is a mean over the batch, so the Trainer divides it by the accumulation steps.
@@ -76,9 +78,6 @@ class LabelHeadTrainer(Trainer):
         compat.disable_loss_kwargs(self)  # the base __init__ inspects the model and sets it again
         self.prefix_ids = list(prefix_ids)
 
-    def _get_eval_sampler(self, eval_dataset):
-        # Dataset order, whatever the training sampler: held_out_metrics matches predictions to queries by position.
-        return compat.sequential_eval_sampler(self, eval_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The prefix runs outside the DDP wrapper: its gradients still reach the same parameters.

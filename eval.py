@@ -149,7 +149,7 @@ def logged(what: str, path: str, rc: int) -> int:
 
 def write_plots(df: pd.DataFrame, logits: np.ndarray, temperature: dict, metrics_path: str) -> int:
     """The four PNGs next to the metrics JSON: the raw model, with the temperature's reliability beside it."""
-    from tiny_reranker.plots import plot_eval
+    from tiny_reranker.plots import plot_eval  # matplotlib loads only when plots are drawn
 
     y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
     calibrated = probs_from_logits(logits, temperature["value"]) if temperature["value"] is not None else None

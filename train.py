@@ -317,7 +317,7 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
                     c["ece_before"], c["ece_after"])
     elif c:
         logger.warning("no temperature stored: %s. Scoring will use the raw logits.", c["not_stored"])
-    from tiny_reranker.plots import plot_training
+    from tiny_reranker.plots import plot_training  # matplotlib loads only here, after training
 
     curves = plot_training(trainer.state.log_history, os.path.join(output_dir, "train_curves.png"))
     if curves:

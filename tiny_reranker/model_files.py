@@ -33,10 +33,11 @@ def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
         check_adapter_config(lora_model)
         check_safetensors_readable(os.path.join(lora_model, "adapter_model.safetensors"))
     local_only = base_model.startswith(("/", "./", "../", "~")) or base_model.count("/") > 1
-    if local_only and not os.path.isdir(os.path.expanduser(base_model)):
+    folder = os.path.expanduser(base_model)
+    if local_only and not os.path.isdir(folder):
         raise ESCIDataError(f"base_model {base_model}: folder not found")
-    check_safetensors_only(os.path.expanduser(base_model), "base_model")
-    check_base_model_kind(os.path.expanduser(base_model))
+    check_safetensors_only(folder, "base_model")
+    check_base_model_kind(folder)
     check_hub_reachable(base_model, "base_model")
 
 

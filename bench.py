@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from esci_dataset import LABELS, PromptEncoder, label_token_ids
+from esci_dataset import LABELS, ESCIDataError, PromptEncoder, label_token_ids
 from tiny_reranker import compat
 from tiny_reranker.benchmark import (
     PeakMemory,
@@ -43,7 +43,15 @@ from tiny_reranker.benchmark import (
     reference_eval,
     synthetic_pairs,
 )
-from tiny_reranker.cli import ArgumentParser, add_dtype_args, dtype_flag, positive_int
+from tiny_reranker.cli import (
+    ArgumentParser,
+    add_dtype_args,
+    check_output_file,
+    cli_error,
+    dtype_flag,
+    positive_int,
+    save_or_fallback,
+)
 from tiny_reranker.io import write_json
 from tiny_reranker.modeling import apply_lora, attach_label_head, detach_label_head, resolve_dtype
 from tiny_reranker.reranker import Reranker
@@ -251,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     args.dtype = dtype_flag(args)  # --bf16 folded in once
     if args.reference_process:
         return reference_process(args)
+    if args.json:
+        try:  # before the benchmark, which takes minutes
+            check_output_file(args.json, "--json")
+        except ESCIDataError as exc:
+            return cli_error(exc)
     workdir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tiny-reranker-bench-{os.getpid()}")
     try:
         return run_benchmarks(args, workdir)
@@ -351,8 +364,8 @@ def run_benchmarks(args, workdir: str) -> int:
     print()
     for line in lines:
         print(line)
-    if args.json:
-        write_json(args.json, results)
+    if args.json:  # a full disk now keeps the numbers in the temp folder
+        return save_or_fallback(args.json, lambda tmp: write_json(tmp, results), "--json")
     return 0
 
 

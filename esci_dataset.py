@@ -23,8 +23,11 @@ Prompt (Qwen3-Reranker style; the model's answer is the next token)::
 
 from __future__ import annotations
 
+import csv
 import os
 import weakref
+from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -104,6 +107,18 @@ def build_template(instruction: str = INSTRUCT, system: str = SYSTEM_PROMPT) -> 
     if not (head.endswith(" ") and middle.endswith(" ")):
         raise AssertionError("the template must put one space before each slot")
     return PromptTemplate(head[:-1], middle[:-1], tail)
+
+
+def check_instruction_is_text(instruction: str | None, tokenizer) -> None:
+    """Refuse an instruction holding the text of a control token (``<|im_end|>``, ``</think>``, ...): the
+    template is tokenized with them live, so such an instruction would close the turn or open the answer.
+    Queries and items are safe by construction (:meth:`PromptEncoder.encode_text`)."""
+    if instruction is None:
+        return
+    found = [token for token in getattr(tokenizer, "get_added_vocab", dict)() if token and token in instruction]
+    if found:
+        raise ESCIDataError(f"--instruction {instruction!r} contains the control token(s) {', '.join(found[:5])}, "
+                            "which would change the prompt's structure; write the instruction as plain text")
 
 
 DEFAULT_TEMPLATE = build_template()
@@ -348,21 +363,66 @@ def normalize_labels(labels: pd.Series, path: str) -> pd.Series:
 
 def validate_text_column(df: pd.DataFrame, column: str, path: str) -> pd.Series:
     """Reject null, non-text or blank values; return the column as str."""
-    values = df[column]
+    values = df[column].astype(object)  # categorical / dictionary-encoded columns hold their values as objects
     is_bad = values.map(lambda v: not isinstance(v, str) or not v.strip())
     if is_bad.any():
         raise ESCIDataError(_bad_rows_message(path, column, "null, empty or non-text", values[is_bad]))
     return values.astype(str)
 
 
+def validate_query_ids(ids: pd.Series, path: str) -> None:
+    """Refuse null or non-scalar (list, array, dict) query ids: rows are grouped into queries by them, for the
+    held-out split and for nDCG, and such a value would group wrongly or crash the grouping."""
+    def bad(value) -> bool:
+        return not isinstance(value, Hashable) or isinstance(value, tuple) or bool(pd.isna(value))
+
+    wrong = ids.astype(object)[ids.astype(object).map(bad)]
+    if len(wrong):
+        raise ESCIDataError(_bad_rows_message(path, "query_id", "null or non-scalar", wrong)
+                            + "; every row needs its query's id (or drop the column to group rows by the query text)")
+
+
 def read_table(path: str) -> pd.DataFrame:
-    """Read a parquet file, turning every way it can fail into :class:`ESCIDataError`."""
+    """Read a parquet file, or a ``.csv`` one (:func:`read_csv_strict`), turning every way it can fail into
+    :class:`ESCIDataError`."""
     if not os.path.exists(path):
         raise ESCIDataError(f"{path}: file not found")
+    if path.lower().endswith(".csv"):
+        return read_csv_strict(path)
     try:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises many types for unreadable files
         raise ESCIDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
+
+
+def read_csv_strict(path: str) -> pd.DataFrame:
+    """A CSV file as text columns, read only as the user wrote it: a repeated header name, or a row with more or
+    fewer fields than the header, is an ESCIDataError naming them (pandas would rename ``query`` to ``query.1``,
+    or make the first field of every row an index and drop it, shifting every column).
+
+    All text: no number parsing of ids, and a title "NA" stays "NA"; only empty cells are missing.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = csv.reader(f)
+            header = next(rows, [])
+            counts = Counter(header)
+            repeated = [name for name, n in counts.items() if n > 1]
+            if repeated:
+                raise ESCIDataError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once; "
+                                    "each column needs its own name")
+            bad = [(rows.line_num, len(row)) for row in rows if row and len(row) != len(header)]  # a row's last line
+        if bad:
+            shown = ", ".join(f"line {n}: {k} fields" for n, k in bad[:_SHOW_ROWS])
+            more = f" (and {len(bad) - _SHOW_ROWS} more)" if len(bad) > _SHOW_ROWS else ""
+            raise ESCIDataError(f"{path}: {len(bad)} row(s) do not have the header's {len(header)} fields "
+                                f"(lines are 1-based, the header is line 1): {shown}{more}; quote fields that "
+                                "contain commas")
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
+    except ESCIDataError:
+        raise
+    except Exception as exc:  # csv and pandas raise several types for unreadable files
+        raise ESCIDataError(f"{path}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], path: str) -> None:
@@ -393,6 +453,8 @@ def load_esci_parquet(path: str, require_labels: bool = True) -> pd.DataFrame:
         raise ESCIDataError(f"{path}: the file has no rows")
     for column in ("query", "item_text"):
         df[column] = validate_text_column(df, column, path)
+    if "query_id" in df.columns:
+        validate_query_ids(df["query_id"], path)
     if "esci_label" in df.columns and (require_labels or df["esci_label"].notna().any()):
         df["esci_label"] = normalize_labels(df["esci_label"], path)
     return df

@@ -40,6 +40,7 @@ from tiny_reranker.cli import (
     HelpFormatter,
     add_inference_args,
     check_output_file,
+    check_outputs_apart,
     cli_error,
     positive_int,
     reranker_from_args,
@@ -93,6 +94,8 @@ def make_parser() -> argparse.ArgumentParser:
 def check_outputs(args, metrics_path: str) -> None:
     """Before the model loads: every output can be written (ESCIDataError naming the flag otherwise)."""
     check_output_file(metrics_path, "--metrics_path")
+    check_outputs_apart({"--metrics_path": metrics_path, "--save_scores_path": args.save_scores_path},
+                        {"--eval_file": args.eval_file, "--base_model": args.base_model, "--lora_model": args.lora_model})
     if args.save_scores_path:
         if not args.save_scores_path.endswith(SCORE_FORMATS):
             raise ESCIDataError(f"--save_scores_path {args.save_scores_path}: must end in .parquet or .csv")

@@ -38,7 +38,7 @@ import uuid
 import torch
 
 from esci_dataset import LABELS, ESCIDataError
-from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, set_up_logging
+from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, folder_relation, set_up_logging
 from tiny_reranker.contract import (
     PROMPT_FILE,
     prompt_spec,
@@ -150,22 +150,15 @@ def publish(tmp_dir: str, output_dir: str) -> list[str]:
 # ---------------------------------------------------------------------------
 # --output_dir: never an input, only ever an earlier export when replaced
 # ---------------------------------------------------------------------------
-def _within(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
 def check_apart_from_inputs(output_dir: str, inputs: dict[str, str]) -> None:
     """``output_dir`` is not, is not inside, and does not contain any input folder (links resolved).
 
     ``inputs``: flag -> path; hub ids (no such local folder) are skipped.
     """
-    out = os.path.realpath(output_dir)
     for flag, path in inputs.items():
         if not path or not os.path.isdir(os.path.expanduser(path)):
             continue
-        real = os.path.realpath(os.path.expanduser(path))
-        relation = "is" if out == real else "is inside" if _within(out, real) else "contains" if _within(real, out) else None
-        if relation:
+        if (relation := folder_relation(output_dir, path)):
             raise ESCIDataError(f"--output_dir {output_dir} {relation} the {flag} folder {path}; the export would "
                                 f"{'mix with' if relation == 'is inside' else 'replace'} its input. Export to a separate folder")
 

@@ -47,6 +47,7 @@ from tiny_reranker.cli import (
     HelpFormatter,
     add_inference_args,
     check_output_file,
+    check_outputs_apart,
     cli_error,
     reranker_from_args,
     save_or_fallback,
@@ -98,16 +99,7 @@ def extension(path: str, flag: str) -> str:
 
 def read_pairs_table(path: str) -> pd.DataFrame:
     """A .parquet or .csv file of pairs, validated; row order kept, index 0..n-1. Raises ESCIDataError."""
-    if path.lower().endswith(".csv"):
-        if not os.path.exists(path):
-            raise ESCIDataError(f"{path}: file not found")
-        try:  # all text: no number parsing of ids, and a title "NA" stays "NA"; only empty cells are missing
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        except Exception as exc:  # pandas raises several types for unreadable CSV
-            raise ESCIDataError(f"{path}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
-    else:
-        df = read_table(path)
-    df = df.reset_index(drop=True)
+    df = read_table(path).reset_index(drop=True)
     require_columns(df, ("query", "item_text"), path)
     problems = []
     for column in ("query", "item_text"):  # report both columns at once, not one per run
@@ -317,6 +309,8 @@ def check_output_path(args) -> None:
     if args.output is not None:
         extension(args.output, "--output")
         check_output_file(args.output, "--output")
+        check_outputs_apart({"--output": args.output}, {"--input": None if args.input == "-" else args.input,
+                                                        "--base_model": args.base_model, "--lora_model": args.lora_model})
 
 
 def check_output_fits(args, records: list[dict] | None) -> None:

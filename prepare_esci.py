@@ -77,7 +77,7 @@ PROBLEMS = {
     "unknown_label": "dropped: esci_label is not one of E/S/C/I",
     "unknown_split": "dropped: split is neither train nor test",
     "blank_query": "dropped: query is null or blank",
-    "duplicate_pair": "dropped: (query_id, product_id) seen before; the first row is kept",
+    "duplicate_pair": "dropped: (product_locale, query_id, product_id) seen before; the first row is kept",
     "missing_product": "dropped: no (product_locale, product_id) in the products file",
     "empty_item_text": "dropped: every --item_fields field of the product is empty",
     "empty_title": "kept: the title is empty, but other fields give item_text",
@@ -335,7 +335,7 @@ def prepare(args: argparse.Namespace) -> dict:
     ex = drop_counted(ex, ~ex["esci_label"].isin(LABELS), "unknown_label", problems, "esci_label")
     ex = drop_counted(ex, ~ex["split"].isin(OUTPUT_FILES), "unknown_split", problems, "split")
     ex = drop_counted(ex, ex["query"].fillna("").str.strip().eq(""), "blank_query", problems, "example_id")
-    ex = drop_counted(ex, ex.duplicated(["query_id", "product_id"]), "duplicate_pair", problems, "example_id")
+    ex = drop_counted(ex, ex.duplicated(["product_locale", "query_id", "product_id"]), "duplicate_pair", problems, "example_id")
     if ex.empty:
         raise ESCIDataError(f"{args.esci_dir}: no usable example for locale={args.locale} version={args.version}; problems: {problems}")
 

@@ -25,6 +25,7 @@ from esci_dataset import (
     ESCIDataError,
     PromptEncoder,
     build_template,
+    check_instruction_is_text,
     label_token_ids,
     load_esci_parquet,
     query_groups,
@@ -38,6 +39,7 @@ from tiny_reranker.cli import (
     check_output_dir,
     cli_error,
     dtype_flag,
+    folder_relation,
     set_up_logging,
 )
 from tiny_reranker.compat import optimizer_names
@@ -164,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad flag values before anything slow happens (argparse exits with code 2)."""
+    if args.instruction is not None and not args.instruction.strip():  # "" once became the default silently
+        parser.error("--instruction is empty; omit the flag to train with the default instruction")
     try:
         parse_target_modules(args.lora_target_modules)
     except ValueError as exc:
@@ -212,6 +216,11 @@ def prepare_run(args: argparse.Namespace, is_main: bool, run_config: dict) -> st
     """Check --output_dir, find the checkpoint to resume (same model, data and best-checkpoint flags only; see
     ``checkpoints.check_resume_matches``) and clear or keep old runs. ``run_config``: the flags and world size."""
     check_output_dir(args.output_dir, "--output_dir")
+    if os.path.isdir(os.path.expanduser(args.base_model)):
+        if (relation := folder_relation(args.output_dir, args.base_model)):
+            raise ESCIDataError(f"--output_dir {args.output_dir} {relation} the --base_model folder {args.base_model}; "
+                                "training writes its adapter, checkpoints and model card there, and the base would "
+                                "then read as an adapter folder. Choose a separate --output_dir")
     resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume:
         check_resume_matches(resume, run_config)
@@ -345,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         # 3. Tokenizer and prompt (--max_length checked against it), model; tokenized once per node
         check_model_paths(args.base_model)  # a loadable base: not an adapter or seq_cls export, hub reachable
         tokenizer = load_base(args, load_tokenizer)
+        check_instruction_is_text(args.instruction, tokenizer)
         encoder = PromptEncoder(tokenizer, args.max_length, build_template(args.instruction or INSTRUCT))
         label_ids = label_token_ids(tokenizer)
         model = load_base(args, lambda path: load_base_model(path, dtype, args.no_flash_attn))

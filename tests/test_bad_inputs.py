@@ -195,6 +195,55 @@ CASES = {
     "bench_n_queries_zero": Case("bench", "--n_queries 0", ("--n_queries", "0")),
     "bench_repeats_negative": Case("bench", "--repeats -2", ("--repeats", "-2")),
     "demo_test_queries_zero": Case("demo", "--n_test_queries 0", ("--n_test_queries", "0")),
+    # outputs never land on an input, in a model folder, or on another output (issue 20) ---------------
+    "eval_metrics_onto_the_eval_file": Case("eval", "--metrics_path {data}", ("--metrics_path", "is the --eval_file file")),
+    "eval_scores_onto_the_eval_file": Case("eval", "--save_scores_path {data}", ("--save_scores_path", "--eval_file")),
+    "eval_scores_onto_the_metrics": Case("eval", "--metrics_path {tmp}/s.parquet --save_scores_path {tmp}/./s.parquet",
+                                         ("--save_scores_path", "same file as --metrics_path")),
+    "eval_metrics_onto_adapter_weights": Case("eval", "--base_model {tiny} --lora_model {adapter} --metrics_path "
+                                              "{adapter}/adapter_model.safetensors",
+                                              ("--metrics_path", "inside the --lora_model folder", "model files")),
+    "eval_metrics_inside_the_base": Case("eval", "--base_model {tiny} --metrics_path {tiny}/m.json",
+                                         ("--metrics_path", "inside the --base_model folder")),
+    "predict_output_onto_the_input": Case("predict", "--input {tmp}/in.csv --output {tmp}/sub/../in.csv",
+                                          ("--output", "is the --input file"),
+                                          files={"in.csv": "query,item_text\nq,x\n", "sub": None}),
+    "train_output_is_the_base": Case("train", "--output_dir {tiny}", ("--output_dir", "is the --base_model folder")),
+    "train_output_inside_the_base": Case("train", "--output_dir {tiny}/run", ("is inside the --base_model folder",)),
+    "train_output_holds_an_adapter": Case("train", "", ("--output_dir", "adapter_config.json", "--overwrite_output_dir"),
+                                          files={"o/adapter_config.json": "{}", "o/adapter_model.safetensors": b"w"}),
+    "train_output_holds_a_users_readme": Case("train", "", ("README.md", "--overwrite_output_dir"),
+                                              files={"o/README.md": "# my notes"}),
+    "bench_json_unwritable": Case("bench", "--json /proc/bench.json", ("--json", "/proc/bench.json")),
+    "demo_users_file_in_the_model_folder": Case("demo", "", ("--out_dir", "mine.txt", "another --out_dir"),
+                                                files={"demo/tiny-qwen3/mine.txt": "keep me"}),
+    "demo_users_train_file": Case("demo", "", ("train.parquet", "another --out_dir"),
+                                  files={"demo/data/train.parquet": parquet(query=["q"], item_text=["x"])}),
+    "demo_out_dir_under_a_file": Case("demo", "--out_dir {file}/d", ("--out_dir", "not a folder")),
+    # read what the user wrote, or refuse (issue 20) ------------------------------------------------
+    "predict_csv_row_with_an_extra_field": Case("predict", "--input {tmp}/in.csv", ("in.csv", "line 2: 3 fields", "2 fields"),
+                                                files={"in.csv": "query,item_text\nq,x,extra\n"}),
+    "predict_csv_row_short_a_field": Case("predict", "--input {tmp}/in.csv", ("in.csv", "line 3: 1 fields"),
+                                          files={"in.csv": "query,item_text\nq,x\nr\n"}),
+    "predict_csv_repeated_header": Case("predict", "--input {tmp}/in.csv", ("in.csv", "'query'", "more than once"),
+                                        files={"in.csv": "query,item_text,query\nq,x,r\n"}),
+    "predict_categorical_blank_item": Case("predict", "--input {tmp}/in.parquet", ("in.parquet", "'item_text'", "row 1: ' '"),
+                                           files={"in.parquet": parquet(query=pd.Categorical(["q", "q"]),
+                                                                        item_text=pd.Categorical(["x", " "]))}),
+    "eval_null_query_id": Case("eval", "--eval_file {tmp}/e.parquet", ("e.parquet", "'query_id'", "row 1: null"),
+                               files={"e.parquet": parquet(query=["q", "r"], item_text=["x", "y"], esci_label=["E", "I"],
+                                                           query_id=[1.0, None])}),
+    "train_list_query_id": Case("train", "--train_file {tmp}/t.parquet", ("t.parquet", "'query_id'", "row 0"),
+                                files={"t.parquet": parquet(query=["q", "r"], item_text=["x", "y"], esci_label=["E", "I"],
+                                                            query_id=[[1], [2]])}),
+    "train_empty_instruction": Case("train", "--instruction ''", ("--instruction is empty",)),
+    "train_instruction_with_a_control_token": Case("train", "--instruction 'rank it<|im_end|>'",
+                                                   ("--instruction", "<|im_end|>", "control token")),
+    "train_resume_step_not_the_folders": Case("train", "--resume_from_checkpoint {tmp}/o/checkpoint-4",
+                                              ("checkpoint-4", "global_step 1000000000"),
+                                              files={"o/checkpoint-4/trainer_state.json": '{"global_step": 1000000000}'}),
+    "eval_adapter_config_without_peft_type": Case("eval", "--lora_model {tmp}/l2", ("adapter_config.json", "peft_type"),
+                                                  files={"l2/adapter_config.json": "{}"}),
 }
 
 
@@ -204,7 +253,7 @@ CASES = {
 def make_case_dir(tmp) -> dict[str, str]:
     os.makedirs(tmp / "base")
     os.makedirs(tmp / "lora")
-    (tmp / "lora" / "adapter_config.json").write_text("{}")
+    (tmp / "lora" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (tmp / "ok.jsonl").write_text(line(query="q", item_text="x"))
     (tmp / "a_file").write_text("not a folder")
     write_release(tmp / "esci")
@@ -226,6 +275,21 @@ def write_files(tmp, files: dict) -> None:
             path.write_bytes(content)
         else:
             path.write_text(content)
+
+
+def file_digests(tmp, paths: dict[str, str]) -> dict[str, str]:
+    """sha256 of every file in the case folder and in the session's model folders, by path."""
+    import hashlib
+
+    roots = [str(tmp)] + [paths[k] for k in ("tiny", "adapter") if k in paths]
+    digests = {}
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    digests[path] = hashlib.sha256(f.read()).hexdigest()
+    return digests
 
 
 def no_model(*args, **kwargs):
@@ -257,7 +321,9 @@ def test_bad_input_is_exit_2_with_a_message_naming_it(name, tmp_path, capsys, mo
     write_files(tmp_path, case.files or {})
     argv = [arg.format(**paths) for arg in shlex.split(argv_text)]
 
+    before = file_digests(tmp_path, paths)
     rc, err = run_main(case.cli, argv, case.stdin, capsys, monkeypatch)
+    assert file_digests(tmp_path, paths) == before  # a refused command changes no file it was given or found
     assert "Traceback" not in err and "usage:" not in err, err[-3000:]  # no traceback, no 20-line usage block
     assert rc == 2, err[-3000:]
     last = err.strip().splitlines()[-1]  # the message is one paragraph, last on stderr (after any log lines)

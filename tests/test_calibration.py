@@ -126,10 +126,11 @@ def test_stored_temperature_is_read_and_a_bad_one_is_refused():
             temperature_from_config({"temperature": bad}, "x.json")
 
 
-def test_a_bad_stored_temperature_is_a_clear_error_before_scoring(tiny_model_dir, adapter_dir, tmp_path, capsys):
+@pytest.mark.parametrize("bad", [-1, 1e-320, 1e308])  # 1e-320 once gave null scores labelled E; 1e308 all 0.25
+def test_a_bad_stored_temperature_is_a_clear_error_before_scoring(tiny_model_dir, adapter_dir, tmp_path, capsys, bad):
     folder = str(tmp_path / "lora")
     shutil.copytree(adapter_dir, folder)
-    _set_temperature(folder, -1)
+    _set_temperature(folder, bad)
     (tmp_path / "in.jsonl").write_text('{"query": "q", "item_text": "a"}\n')
     rc = predict_cli.main(["--base_model", tiny_model_dir, "--lora_model", folder, "--input", str(tmp_path / "in.jsonl")])
     err = capsys.readouterr().err

@@ -23,9 +23,8 @@ def _checkpoint(folder, step, broken=None, run_config=None):
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"r": 8, "target_modules": ["q_proj"]}, f)
     save_file({"w": torch.zeros(2)}, os.path.join(path, "adapter_model.safetensors"))
-    for name in ("optimizer.pt", "scheduler.pt"):
-        with open(os.path.join(path, name), "wb") as f:
-            f.write(b"x" * 16)
+    torch.save({"state": {}, "param_groups": []}, os.path.join(path, "optimizer.pt"))
+    torch.save({"last_epoch": step}, os.path.join(path, "scheduler.pt"))
     with open(os.path.join(path, "run_config.json"), "w") as f:
         json.dump(run_config or {"base_model": "m", "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj"}, f)
     if broken == "truncated_weights":
@@ -36,10 +35,21 @@ def _checkpoint(folder, step, broken=None, run_config=None):
     elif broken == "corrupt_state":
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
             f.write('{"global_step": ')
+    elif broken == "garbage_optimizer":
+        with open(os.path.join(path, "optimizer.pt"), "wb") as f:
+            f.write(b"x" * 16)
+    elif broken == "hostile_rng_state":  # a pickle that would run a command: weights_only loading refuses it
+        torch.save({"python": HostilePickle()}, os.path.join(path, "rng_state.pth"))
     return path
 
 
-@pytest.mark.parametrize("broken", ["truncated_weights", "no_optimizer", "corrupt_state"])
+class HostilePickle:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize("broken", ["truncated_weights", "no_optimizer", "corrupt_state", "garbage_optimizer",
+                                    "hostile_rng_state"])
 def test_latest_skips_an_incomplete_newest_checkpoint(tmp_path, broken, caplog):
     good = _checkpoint(str(tmp_path), 4)
     _checkpoint(str(tmp_path), 8, broken=broken)
@@ -53,6 +63,10 @@ def test_latest_with_only_incomplete_checkpoints_is_a_clear_error(tmp_path):
         resolve_checkpoint("latest", str(tmp_path))
     with pytest.raises(ESCIDataError, match="cannot resume from it: unreadable"):
         resolve_checkpoint(str(tmp_path / "checkpoint-8"), str(tmp_path))
+    _checkpoint(str(tmp_path), 9, broken="hostile_rng_state")
+    with pytest.raises(ESCIDataError, match="checkpoint-9: cannot resume from it: rng_state.pth is unreadable "
+                                            "\\(UnpicklingError"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
 
 
 def test_a_fresh_run_among_another_runs_checkpoints_is_refused(tmp_path):
@@ -99,6 +113,46 @@ def test_a_checkpoint_killed_before_its_run_config_still_checks_the_lora_rank(tm
     check_resume_matches(path, same)
     with pytest.raises(ESCIDataError, match="--lora_r 8 \\(checkpoint\\) vs 16 \\(now\\)"):
         check_resume_matches(path, {**same, "lora_r": 16})
+
+
+def test_resume_compares_the_prompt_that_trains_not_the_flag_as_typed(tmp_path):
+    """No --instruction (None) and --instruction "" both train on INSTRUCT; another instruction is another prompt."""
+    model = {"base_model": "m", "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj"}
+    default = _checkpoint(str(tmp_path / "a"), 4, run_config={**model, "instruction": None})
+    with pytest.raises(ESCIDataError, match="--instruction .* \\(checkpoint\\) vs 'Rank the products' \\(now\\)"):
+        check_resume_matches(default, {**model, "instruction": "Rank the products"})
+    check_resume_matches(default, {**model, "instruction": ""})
+    empty = _checkpoint(str(tmp_path / "b"), 4, run_config={**model, "instruction": ""})
+    check_resume_matches(empty, {**model, "instruction": None})
+
+
+def test_a_checkpoint_without_run_config_of_another_base_model_is_refused(tmp_path, tiny_model_dir):
+    path = _checkpoint(str(tmp_path), 4)
+    os.remove(os.path.join(path, "run_config.json"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"r": 8, "lora_alpha": 16, "base_model_name_or_path": str(tmp_path / "other-base")}, f)
+    flags = {"base_model": tiny_model_dir, "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj"}
+    with pytest.raises(ESCIDataError, match="--base_model .*other-base.* \\(checkpoint\\) vs .*tiny-qwen3.* \\(now\\)"):
+        check_resume_matches(path, flags)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"r": 8, "lora_alpha": 16, "base_model_name_or_path": tiny_model_dir}, f)
+    check_resume_matches(path, flags)  # the same base, recorded by peft
+
+
+def test_a_finished_adapter_or_a_users_readme_is_not_replaced_by_a_fresh_run(tmp_path, caplog):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ESCIDataError, match="adapter_config.json, adapter_model.safetensors.*--overwrite_output_dir"):
+        prepare_output_dir(str(tmp_path), resuming=False, overwrite=False, is_main=True)
+    prepare_output_dir(str(tmp_path), resuming=False, overwrite=True, is_main=True)
+    assert "replaces adapter_config.json, adapter_model.safetensors" in caplog.text
+    readme = tmp_path / "notes" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text("# my notes\n")
+    with pytest.raises(ESCIDataError, match="README.md"):
+        prepare_output_dir(str(readme.parent), resuming=False, overwrite=False, is_main=True)
+    readme.write_text("# ESCI reranker adapter (tiny-reranker)\n\nours")
+    prepare_output_dir(str(readme.parent), resuming=False, overwrite=False, is_main=True)  # our card: fine
 
 
 def test_train_refuses_to_resume_under_another_lora_rank_end_to_end(tmp_path, tiny_model_dir, demo_data, capsys):

@@ -64,7 +64,7 @@ def setup(tmp_path, monkeypatch):
     base, lora = tmp_path / "base", tmp_path / "lora"
     base.mkdir()
     lora.mkdir()
-    (lora / "adapter_config.json").write_text('{"r": 8, "target_modules": ["q_proj", "v_proj"]}')
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]}')
     data = tmp_path / "eval.parquet"
     pd.DataFrame([r[:4] for r in ROWS], columns=["query_id", "query", "item_text", "esci_label"]).to_parquet(data)
 

@@ -120,6 +120,21 @@ def test_start_up_check_falls_back_to_micro_batches_from_a_wrong_kernel(lora_mod
     assert "uses length-sorted micro-batches instead" in caplog.text
 
 
+def test_start_up_check_falls_back_when_the_packed_step_raises(lora_model, qwen3_tokenizer, monkeypatch, caplog):
+    """A varlen kernel whose signature changed raises instead of disagreeing: training must not die on it."""
+    enc, feats = _features(qwen3_tokenizer)
+    trainer = _trainer(lora_model, enc, qwen3_tokenizer.pad_token_id)
+
+    def changed_signature(*args, **kwargs):
+        raise TypeError("varlen_attn() got an unexpected keyword argument 'scale'")
+
+    monkeypatch.setattr(varlen, "per_prompt_sdpa", changed_signature)
+    with attention(lora_model, varlen.register()):
+        diff = training.check_packed_steps(trainer, feats, max_micro_batches=3)
+    assert diff == float("inf") and not trainer.data_collator.packed
+    assert "raised TypeError: varlen_attn()" in caplog.text and "micro-batches instead" in caplog.text
+
+
 def test_cuda_bf16_training_switches_sdpa_to_the_varlen_implementation(lora_model, monkeypatch):
     """Where PyTorch's kernel runs (simulated: CUDA, bf16, Ampere+), an sdpa model is switched and packs."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

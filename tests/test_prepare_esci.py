@@ -311,3 +311,17 @@ def test_unwritable_output_dir_is_found_before_any_work(tmp_path, capsys):
     assert run(str(tmp_path / "absent_release"), tmp_path / "a_file")[0] == 2
     assert_clean_error(capsys, "--output_dir", "a_file", "is a file")
 
+
+
+def test_locale_all_keeps_the_same_pair_in_two_locales(esci_dir, tmp_path):
+    """ESCI reuses query ids and product ids across locales: (query 1, P1) in "es" is another row than in "us"."""
+    path = os.path.join(esci_dir, prepare_esci.EXAMPLES_FILE)
+    table = pq.read_table(path)
+    extra = pa.Table.from_pandas(pd.DataFrame([(13, "funda iphone", 1, "P1", "es", "E", 1, 1, "train")],
+                                              columns=EXAMPLES_SCHEMA.names), schema=EXAMPLES_SCHEMA, preserve_index=False)
+    pq.write_table(pa.concat_tables([table, extra]), path)
+    code, summary = run(esci_dir, tmp_path / "out", "--locale", "all")
+    assert code == 0 and summary["problems"]["duplicate_pair"] == 1  # only (3, P5) in "us", as before
+    train = read_split(tmp_path / "out", "train")
+    pair = train[(train["query_id"] == 1) & (train["product_id"] == "P1")]
+    assert sorted(pair["product_locale"]) == ["es", "us"]

@@ -126,6 +126,12 @@ def test_non_text_and_misaligned_inputs_raise(rr):
         rr.rank("q", "one string")
     with pytest.raises(ValueError, match="aligned"):
         rr.predict_probs(["q"], ["a", "b"])
+    with pytest.raises(TypeError, match="query must be a str, got NoneType"):  # it blamed queries[0]
+        rr.rank(None, ["a"])
+    with pytest.raises(TypeError, match="top_k must be an int or None, got float"):
+        rr.rank("q", ["a", "b"], top_k=1.5)
+    with pytest.raises(TypeError, match="queries must be a list of strings, not one string"):  # it scored "a", "b"
+        rr.predict_probs("ab", "cd")
 
 
 def test_very_long_item_is_truncated_keeping_the_suffix(rr):

@@ -16,8 +16,9 @@ import shutil
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from esci_dataset import ESCIDataError
-from tiny_reranker.contract import RUN_CONFIG_NAME
+from esci_dataset import INSTRUCT, ESCIDataError
+from tiny_reranker import compat
+from tiny_reranker.contract import MODEL_CARD_NAME, RUN_CONFIG_NAME, is_model_card
 from tiny_reranker.io import read_json_object
 from tiny_reranker.model_files import safetensors_names
 
@@ -51,8 +52,12 @@ def checkpoint_problem(folder: str) -> str | None:
         if missing("trainer_state.json"):
             return "trainer_state.json is missing"
         state = read_json_object(os.path.join(folder, "trainer_state.json"))
-        if not isinstance(state.get("global_step"), int):
+        step = state.get("global_step")
+        if not isinstance(step, int) or isinstance(step, bool):
             return "trainer_state.json has no global_step"
+        named = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(folder)))
+        if step < 0 or (named and step != int(named.group(1))):  # the Trainer names a checkpoint by its step
+            return f"trainer_state.json says global_step {step}, which does not fit the folder name"
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if missing(name):
                 return f"{name} is missing"
@@ -65,6 +70,12 @@ def checkpoint_problem(folder: str) -> str | None:
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             return f"{name} is missing or empty"
+    rng_files = sorted(n for n in os.listdir(folder) if n.startswith("rng_state") and n.endswith(".pth"))
+    for name in ("optimizer.pt", "scheduler.pt", *rng_files):  # small for LoRA: the adapter's moments, a few numbers
+        try:
+            compat.load_trainer_state_file(os.path.join(folder, name))
+        except Exception as exc:  # garbage, truncation, or a pickle needing globals weights_only refuses
+            return f"{name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
     return None
 
 
@@ -93,6 +104,8 @@ def resolve_checkpoint(spec: str | None, output_dir: str) -> str | None:
 def run_identity(args_dict: dict) -> dict:
     """The flags of a run that must not change on resume (paths made absolute)."""
     ident = {k: args_dict.get(k) for k in RUN_IDENTITY_FLAGS}
+    # The prompt that trains, not the flag as typed: no --instruction (None) and --instruction "" both mean INSTRUCT.
+    ident["instruction"] = ident.get("instruction") or INSTRUCT
     base = ident.get("base_model")
     if isinstance(base, str) and os.path.isdir(os.path.expanduser(base)):
         ident["base_model"] = os.path.realpath(os.path.expanduser(base))
@@ -113,9 +126,11 @@ def saved_identity(checkpoint: str) -> dict:
         adapter = read_json_object(os.path.join(checkpoint, "adapter_config.json"))
     except (OSError, ValueError):
         adapter = {}
-    logger.warning("%s has no readable %s (killed before it was written?): checking only --lora_r and --lora_alpha, "
-                   "from adapter_config.json", checkpoint, RUN_CONFIG_NAME)
-    return {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha")}
+    logger.warning("%s has no readable %s (killed before it was written?): checking only --base_model, --lora_r and "
+                   "--lora_alpha, from adapter_config.json", checkpoint, RUN_CONFIG_NAME)
+    base = adapter.get("base_model_name_or_path")
+    return {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha"),
+            "base_model": run_identity({"base_model": base})["base_model"] if isinstance(base, str) else None}
 
 
 def _saved_run_config(checkpoint: str) -> dict:
@@ -155,17 +170,39 @@ def check_resume_matches(checkpoint: str, args_dict: dict) -> None:
                        checkpoint, "; ".join(steps))
 
 
+def finished_run_files(output_dir: str) -> list[str]:
+    """Files in ``output_dir`` that a fresh run would replace although no ``checkpoint-*`` marks them as a run's:
+    a finished adapter (``adapter_config.json`` and what lies beside it) and a README.md that is not our card."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(os.listdir(output_dir))
+    found = [n for n in names if n.startswith("adapter_")] if "adapter_config.json" in names else []
+    readme = os.path.join(output_dir, MODEL_CARD_NAME)
+    if os.path.isfile(readme) and not is_model_card(readme):
+        found.append(MODEL_CARD_NAME)
+    return found
+
+
 def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuse to start a fresh run among another run's checkpoints, unless ``overwrite`` (which removes them)."""
+    """Refuse to start a fresh run among another run's checkpoints, over a finished adapter or over a README.md of
+    the user's, unless ``overwrite`` (which removes the checkpoints and says what it replaces)."""
     folders = checkpoint_folders(output_dir)
-    if not folders or resuming:
+    finished = [] if resuming else finished_run_files(output_dir)
+    if (not folders and not finished) or resuming:
         return
     if not overwrite:
-        raise ESCIDataError(f"--output_dir {output_dir} already holds checkpoints of an earlier run "
-                            f"({', '.join(os.path.basename(f) for f in folders[:3])}{', ...' if len(folders) > 3 else ''}). "
-                            "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace "
-                            "it, or choose another --output_dir.")
+        if folders:
+            raise ESCIDataError(f"--output_dir {output_dir} already holds checkpoints of an earlier run "
+                                f"({', '.join(os.path.basename(f) for f in folders[:3])}{', ...' if len(folders) > 3 else ''}). "
+                                "Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace "
+                                "it, or choose another --output_dir.")
+        raise ESCIDataError(f"--output_dir {output_dir} already holds {', '.join(finished)}, which a new run would "
+                            "replace (a finished adapter, or a README.md that is not a tiny-reranker model card). Pass "
+                            "--overwrite_output_dir to replace them, or choose another --output_dir.")
     if is_main:
         for folder in folders:
             shutil.rmtree(folder)
-        logger.warning("--overwrite_output_dir: removed %d old checkpoint folder(s) from %s", len(folders), output_dir)
+        if folders:
+            logger.warning("--overwrite_output_dir: removed %d old checkpoint folder(s) from %s", len(folders), output_dir)
+        if finished:
+            logger.warning("--overwrite_output_dir: this run replaces %s in %s", ", ".join(finished), output_dir)

@@ -27,6 +27,7 @@ from typing import Callable
 
 from esci_dataset import ESCIDataError
 from tiny_reranker.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+from tiny_reranker.contract import PROMPT_FILE
 from tiny_reranker.io import atomic_write
 
 USER_ERROR = 2  # exit code for bad input, as argparse uses for bad flags; internal bugs stay tracebacks (1)
@@ -124,6 +125,72 @@ def check_output_dir(path: str, flag: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ESCIDataError(f"{flag} {path}: exists and is a file, not a folder")
     _check_creatable_folder(os.path.abspath(path), flag, path)
+
+
+# ---------------------------------------------------------------------------
+# Outputs never land on inputs (or on each other)
+# ---------------------------------------------------------------------------
+# Files an adapter folder holds as the model (train.py and peft write them): an output may be a new file in the
+# adapter folder (eval.py's default metrics path is there), never one of these.
+MODEL_FILE_NAMES = frozenset({"reranker_config.json", "run_config.json", "train_metrics.json", "train_curves.png",
+                              "README.md", "config.json", "generation_config.json", "special_tokens_map.json",
+                              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", PROMPT_FILE})
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it (both already resolved)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def folder_relation(output_dir: str, folder: str) -> str | None:
+    """How an output folder stands to an input folder (paths resolved): ``"is"``, ``"is inside"``, ``"contains"``,
+    or None when they are apart."""
+    out, real = os.path.realpath(os.path.expanduser(output_dir)), os.path.realpath(os.path.expanduser(folder))
+    return "is" if out == real else "is inside" if is_within(out, real) else "contains" if is_within(real, out) else None
+
+
+def is_model_file_name(name: str) -> bool:
+    """Whether a file named ``name`` is part of a saved model or adapter: weights, config or tokenizer."""
+    return name in MODEL_FILE_NAMES or name.startswith(("adapter_", "tokenizer")) or name.endswith(_MODEL_FILE_SUFFIXES)
+
+
+def _is_model_file(folder: str, output: str) -> bool:
+    """Whether ``output`` (inside ``folder``) is part of the model there: a model file, or anything in a
+    subfolder (``checkpoint-*``)."""
+    return os.sep in os.path.relpath(output, folder) or is_model_file_name(os.path.basename(output))
+
+
+def check_outputs_apart(outputs: dict[str, str | None], inputs: dict[str, str | None],
+                        model_folders: tuple[str, ...] = ("--lora_model",)) -> None:
+    """Before any work: no output file is an input file, sits in a base model folder, overwrites a file of an
+    adapter folder's model, or is another output of the same run. Paths are resolved (``~``, ``..``, links).
+
+    ``outputs`` / ``inputs``: flag -> path (None: not given; an input that is no local path, e.g. a hub id, is
+    skipped). ``model_folders``: input flags whose folder may receive new files (an adapter's eval metrics),
+    though never over the model's own files; any other input folder receives none.
+    """
+    seen: dict[str, str] = {}
+    for out_flag, out_path in outputs.items():
+        if not out_path:
+            continue
+        out = os.path.realpath(os.path.expanduser(out_path))
+        if out in seen:
+            raise ESCIDataError(f"{out_flag} {out_path} is the same file as {seen[out]}: one output would replace the "
+                                "other. Give each its own path")
+        seen[out] = f"{out_flag} {out_path}"
+        for in_flag, in_path in inputs.items():
+            if not in_path or not os.path.exists(os.path.expanduser(in_path)):
+                continue
+            real = os.path.realpath(os.path.expanduser(in_path))
+            if out == real:
+                raise ESCIDataError(f"{out_flag} {out_path} is the {in_flag} file {in_path}: writing it would destroy "
+                                    "the input. Write the output to another path")
+            if os.path.isdir(real) and is_within(out, real) and (in_flag not in model_folders
+                                                                 or _is_model_file(real, out)):
+                raise ESCIDataError(f"{out_flag} {out_path} is inside the {in_flag} folder {in_path}"
+                                    + (" and would replace one of its model files" if in_flag in model_folders else "")
+                                    + ". Write the output to another path")
 
 
 # ---------------------------------------------------------------------------

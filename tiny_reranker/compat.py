@@ -147,6 +147,17 @@ class SequentialEvalSampler:
         return torch.utils.data.SequentialSampler(eval_dataset)
 
 
+def load_trainer_state_file(path: str):
+    """Load ``optimizer.pt`` / ``scheduler.pt`` / ``rng_state*.pth`` exactly as ``Trainer`` does on resume:
+    ``torch.load(weights_only=True)`` inside ``trainer_pt_utils.safe_globals()`` (internal; it allowlists the
+    numpy types of the RNG state, transformers >= 4.47). Garbage or a pickle that wants other globals raises
+    here, before a run starts, instead of after the model has loaded."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def prepare_manual_steps(trainer) -> None:
     """Let ``trainer.training_step`` run outside ``Trainer.train()`` (bench.py times it alone):
     ``current_gradient_accumulation_steps`` is set per step by ``train()`` (transformers >= 4.48)."""

@@ -164,9 +164,20 @@ def save_run_contract(folder: str, tokenizer, template: PromptTemplate, run_conf
     write_model_card(folder, run_config)
 
 
+MODEL_CARD_TITLE = "# ESCI reranker adapter (tiny-reranker)"
+
+
+def is_model_card(path: str) -> bool:
+    """Whether the file at ``path`` is a card :func:`write_model_card` wrote (a user's own README.md is not)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(2000)
+    # peft's placeholder card, which save_pretrained writes just before ours, counts as ours
+    return head.startswith(MODEL_CARD_TITLE) or (head.startswith("---") and "library_name: peft" in head)
+
+
 def write_model_card(folder: str, run_config: dict) -> None:
     """A short README.md of our own in place of peft's placeholder card ("[More Information Needed]")."""
-    card = (f"# ESCI reranker adapter (tiny-reranker)\n\nA LoRA adapter on `{run_config['base_model']}` that scores a "
+    card = (f"{MODEL_CARD_TITLE}\n\nA LoRA adapter on `{run_config['base_model']}` that scores a "
             "(query, product) pair as E exact / S substitute / C complement / I irrelevant, and ranks by\n"
             "`score = (3·P(E) + 2·P(S) + 1·P(C)) / 3`.\n\nTrained by `train.py` on "
             f"`{run_config['train_file']}`; every flag is in `run_config.json`, the prompt and label ids in "

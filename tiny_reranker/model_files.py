@@ -30,8 +30,11 @@ def check_model_paths(base_model: str, lora_model: str | None = None) -> None:
             raise ESCIDataError(f"lora_model {lora_model}: no adapter_config.json, so not a LoRA adapter folder "
                                 "(train.py writes one into its --output_dir)")
         check_safetensors_only(lora_model, "lora_model")
-        check_adapter_config(lora_model)
+        config = check_adapter_config(lora_model)
         check_safetensors_readable(os.path.join(lora_model, "adapter_model.safetensors"))
+        if "peft_type" not in config:  # peft's own KeyError otherwise
+            raise ESCIDataError(f"lora_model {lora_model}: adapter_config.json has no peft_type, so peft cannot load "
+                                "it as an adapter; copy the folder train.py wrote again")
     local_only = base_model.startswith(("/", "./", "../", "~")) or base_model.count("/") > 1
     folder = os.path.expanduser(base_model)
     if local_only and not os.path.isdir(folder):
@@ -91,9 +94,9 @@ def check_safetensors_readable(path: str) -> None:
                             "it may be truncated: copy it again or re-run the export/training") from None
 
 
-def check_adapter_config(lora_model: str) -> None:
-    """An empty or corrupt ``adapter_config.json`` is a user error, not a traceback from peft."""
-    read_json_object(os.path.join(lora_model, "adapter_config.json"))
+def check_adapter_config(lora_model: str) -> dict:
+    """``adapter_config.json``; an empty or corrupt one is a user error, not a traceback from peft."""
+    return read_json_object(os.path.join(lora_model, "adapter_config.json"))
 
 
 PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin", "training_args.bin")

@@ -11,6 +11,7 @@ is none or with ``--no_temperature``).
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 def _check_texts(values: Sequence, what: str) -> None:
+    if isinstance(values, str):  # a str is a sequence of characters: it would score one pair per character
+        raise TypeError(f"{what} must be a list of strings, not one string")
     for i, v in enumerate(values):
         if not isinstance(v, str):
             raise TypeError(f"{what}[{i}] must be a str, got {type(v).__name__}: {v!r}")
@@ -135,8 +138,12 @@ class Reranker:
         Each result: ``{index, item, p_E, p_S, p_C, p_I, score, pred_label}``, where
         ``index`` is the item's position in ``items``.
         """
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}: {query!r}")
         if isinstance(items, str):
             raise TypeError("items must be a list of strings, not one string")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)):
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}: {top_k!r}")
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
         items = list(items)

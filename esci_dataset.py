@@ -24,6 +24,7 @@ Prompt (Qwen3-Reranker style; the model's answer is the next token)::
 from __future__ import annotations
 
 import csv
+import json
 import os
 import weakref
 from collections import Counter
@@ -214,6 +215,18 @@ def plain_text_tokenizer(tokenizer):
 _PLAIN_TEXT_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its plain backend
 
 
+_CHARS_PER_TOKEN_BOUND = 16  # a long text is cut no earlier than 16 characters per token it may need
+
+
+def byte_level_bpe(backend) -> bool:
+    """Whether a ``tokenizers.Tokenizer`` is byte-level BPE with no normalizer or NFC (GPT-2, Qwen, Llama 3,
+    SmolLM): the kind whose pre-token boundaries :meth:`PromptEncoder.cut_long_text` relies on."""
+    spec = json.loads(backend.to_str())
+    normalizer = spec.get("normalizer")
+    return ("ByteLevel" in json.dumps(spec.get("pre_tokenizer")) and spec.get("model", {}).get("type") == "BPE"
+            and (normalizer is None or normalizer.get("type") == "NFC"))
+
+
 class PromptEncoder:
     """Turns (query, doc) pairs into prompt token ids of at most ``max_length``.
 
@@ -236,6 +249,7 @@ class PromptEncoder:
                 "(512 covers almost every ESCI pair)"
             )
         self._plain = plain_text_tokenizer(tokenizer)
+        self._cut_safe = self._plain is not None and byte_level_bpe(self._plain)
         self.n_encoded = self.n_items_cut_below_half = 0
 
     def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
@@ -245,10 +259,31 @@ class PromptEncoder:
         product text is tokenized as the plain characters it is, so user data can never
         close the turn, open the answer or plant a label.
         """
-        texts = [" " + t for t in texts]
         if self._plain is not None:
+            texts = [" " + self.cut_long_text(t) for t in texts]
             return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        texts = [" " + t for t in texts]
         return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def cut_long_text(self, text: str) -> str:
+        """``text`` cut before tokenizing when it is far longer than a prompt can hold (a 1 MB item took seconds
+        to tokenize, all but its first tokens then thrown away), such that nothing truncation keeps changes.
+
+        The cut is at a pre-token boundary that every byte-level BPE regex (GPT-2's, Qwen's) and NFC keep
+        whatever follows: a space after a letter or digit and before a letter. Tokens before it are exactly
+        the full text's, and at least ``2 * budget + 1`` of them remain, so truncation (and its "cut below half"
+        count) is bit-identical (tested). Other tokenizers, or a text without such a boundary, are not cut.
+        """
+        budget = self.max_length - self.fixed_len
+        start = _CHARS_PER_TOKEN_BOUND * (2 * budget + 1)
+        if not self._cut_safe or len(text) <= 2 * start:
+            return text
+        for i in range(start, len(text) - 1):
+            if text[i] == " " and text[i - 1].isalnum() and text[i + 1].isalpha():
+                prefix = text[:i]
+                kept = self._plain.encode(" " + prefix, add_special_tokens=False).ids
+                return prefix if len(kept) >= 2 * budget + 1 else text
+        return text
 
     def encode_batch(self, queries: Sequence[str], docs: Sequence[str]) -> list[list[int]]:
         """Token ids for each pair; ``len(ids) <= max_length`` always."""

@@ -69,7 +69,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add_inference_args(p)
     g = p.add_argument_group("data")
-    g.add_argument("--eval_file", type=str, required=True, help="parquet with query, item_text, esci_label (query_id optional, used for nDCG)")
+    g.add_argument("--eval_file", type=str, required=True, help="parquet (or .csv) with query, item_text, esci_label (query_id optional, used for nDCG)")
     g.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N rows (quick checks)")
 
     g = p.add_argument_group("outputs")
@@ -160,7 +160,7 @@ def write_plots(df: pd.DataFrame, logits: np.ndarray, temperature: dict, metrics
     try:
         paths = plot_eval(y_true, probs_from_logits(logits), folder, plot_prefix(metrics_path), calibrated)
     except OSError as exc:
-        return cli_error(f"plots: writing into {folder} failed ({exc.strerror or exc}); the metrics were written")
+        return cli_error(f"plots: writing into {folder} failed ({exc.strerror or exc}); the metrics and scores are not affected (where they went is logged above)")
     logger.info("plots written: %s", ", ".join(paths))
     return 0
 

@@ -38,7 +38,7 @@ import uuid
 import torch
 
 from esci_dataset import LABELS, ESCIDataError
-from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, folder_relation, set_up_logging
+from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, folder_relation, is_model_file_name, set_up_logging
 from tiny_reranker.contract import (
     PROMPT_FILE,
     prompt_spec,
@@ -164,10 +164,11 @@ def check_apart_from_inputs(output_dir: str, inputs: dict[str, str]) -> None:
 
 
 def looks_like_export(folder: str) -> bool:
-    """A folder this script wrote: its prompt file and a model config, no adapter, no subfolders."""
+    """A folder this script wrote: its prompt file and a model config, only model files, no adapter, no subfolders."""
     names = os.listdir(folder)
     return (PROMPT_FILE in names and "config.json" in names and "adapter_config.json" not in names
-            and not any(os.path.isdir(os.path.join(folder, n)) for n in names))
+            and not any(os.path.isdir(os.path.join(folder, n)) for n in names)
+            and all(is_model_file_name(n) for n in names))  # a file of the user's in it is never deleted
 
 
 def check_export_target(output_dir: str, overwrite: bool) -> None:

@@ -57,6 +57,7 @@ PRODUCTS_FILE = "shopping_queries_dataset_products.parquet"
 SOURCES_FILE = "shopping_queries_dataset_sources.csv"
 OUTPUT_FILES = {"train": "esci_multiclass_train.parquet", "test": "esci_multiclass_test.parquet"}
 SUMMARY_FILE = "esci_prepare_summary.json"
+SHORT_ITEM_CHARS = 100  # below this --max_item_chars cuts most titles: warned, not refused
 
 # --item_fields name -> (products column, label written into item_text)
 ITEM_FIELDS = {
@@ -130,6 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--item_fields names {', '.join(repeated)} more than once")
     if args.max_item_chars < 1:
         parser.error(f"--max_item_chars must be >= 1, got {args.max_item_chars}")
+    if args.max_item_chars < SHORT_ITEM_CHARS:  # allowed (titles only, on purpose), but never silently
+        logger.warning("--max_item_chars %d cuts most item texts short: ESCI titles alone are often longer than %d "
+                       "characters", args.max_item_chars, SHORT_ITEM_CHARS)
     if args.token_sample_rows < 0:
         parser.error(f"--token_sample_rows must be >= 0, got {args.token_sample_rows}")
     return args
@@ -367,7 +371,8 @@ def prepare(args: argparse.Namespace) -> dict:
         n_chars = chars[part["product_row"]]
         splits[split] = {"rows": len(part), "queries": int(part["query_id"].nunique()),
                          "labels": {label: int((part["esci_label"] == label).sum()) for label in LABELS},
-                         "item_text_chars": {"mean": round(float(n_chars.mean()), 1), "p95": int(np.percentile(n_chars, 95))}}
+                         "item_text_chars": {"mean": round(float(n_chars.mean()), 1), "p95": int(np.percentile(n_chars, 95))},
+                         "rows_by_locale": {str(k): int(v) for k, v in sorted(part["product_locale"].value_counts().items())}}
         if encoder is not None:
             rows = part if not args.token_sample_rows or len(part) <= args.token_sample_rows else part.sample(args.token_sample_rows, random_state=0)
             docs = item_text.take(rows["product_row"].to_numpy()).to_pylist()
@@ -393,6 +398,8 @@ def format_summary(summary: dict) -> str:
         labels = " ".join(f"{k} {v / s['rows']:.1%}" for k, v in s["labels"].items())
         c = s["item_text_chars"]
         lines.append(f"{split}: {s['rows']:,} rows, {s['queries']:,} queries | {labels} | item_text chars mean {c['mean']:.0f} p95 {c['p95']}")
+        if len(s.get("rows_by_locale", {})) > 1:
+            lines.append("  rows by locale: " + ", ".join(f"{k} {v:,}" for k, v in s["rows_by_locale"].items()))
         if "prompt_tokens" in s:
             t = s["prompt_tokens"]
             lines.append(f"  prompt tokens ({t['sampled_rows']:,} rows, template {t['template_tokens']}): mean {t['mean']:.0f} "

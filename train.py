@@ -13,6 +13,7 @@ Several GPUs:     torchrun --nproc_per_node 4 train.py ...   (or NPROC=4 bash sc
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -378,7 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     check_packed_steps(trainer, train_ds, args.max_micro_batches)  # packed layout vs plain prompts, on the device
 
     # 6. Train; save the adapter (safetensors) and tokenizer; evaluate and calibrate on held-out queries
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except OSError as exc:  # a full disk or a read-only mount while saving a checkpoint: say how to go on
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        return cli_error(f"--output_dir {args.output_dir}: writing failed at step {trainer.state.global_step} "
+                         f"({exc.strerror or exc}). Free space (or fix the folder), then run the same command with "
+                         f"--resume_from_checkpoint latest: it continues from the newest complete checkpoint.")
     broken, n_trained = non_finite_parameters(model)
     if broken:  # NaN weights score every pair NaN: refuse to save them as the run's adapter
         return cli_error(

@@ -30,6 +30,10 @@ PLOTS="${PLOTS:-1}"                # 0: no PNG plots next to the metrics JSON
 
 # processes
 NPROC="${NPROC:-1}"                # >1: torchrun; each process scores its share, rank 0 writes
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: NPROC must be a positive number of processes, got '$NPROC'" >&2
+  exit 2
+fi
 
 model_args=(--base_model "$BASE_MODEL" --dtype "$DTYPE")
 [ -n "$LORA_MODEL" ] && model_args+=(--lora_model "$LORA_MODEL")

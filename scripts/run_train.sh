@@ -42,6 +42,10 @@ WANDB_RUN_NAME="${WANDB_RUN_NAME:-$(basename "$OUTPUT_DIR")}"
 
 # processes
 NPROC="${NPROC:-1}"
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: NPROC must be a positive number of processes, got '$NPROC'" >&2
+  exit 2
+fi
 
 data_args=(--base_model "$BASE_MODEL" --train_file "$TRAIN_FILE" --output_dir "$OUTPUT_DIR"
            --max_length "$MAX_LEN" --eval_ratio "$EVAL_RATIO" --seed "$SEED")

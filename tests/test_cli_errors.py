@@ -156,3 +156,10 @@ def test_eval_and_predict_warn_when_many_items_are_cut_below_half(tmp_path, tiny
     assert predict_cli.main(["--base_model", tiny_model_dir, "--input", str(data), "--output", str(tmp_path / "p.jsonl"),
                              "--max_length", "96", "--dtype", "fp32"]) == 0
     assert any("3 of 4 items" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("script", ["run_train.sh", "run_eval.sh"])
+def test_a_wrapper_refuses_an_nproc_that_is_not_a_count(script):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "NPROC": "abc"})
+    assert proc.returncode == 2 and "NPROC must be a positive number of processes, got 'abc'" in proc.stderr

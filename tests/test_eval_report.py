@@ -243,3 +243,15 @@ def test_user_columns_named_like_ours_are_refused_then_kept_beside_prefixed_ones
     np.testing.assert_array_equal(saved["score"], table["score"])  # the user's columns, untouched
     assert (saved["true_label"] == "from the shop").all() and (saved["eval_true_label"] == table["esci_label"]).all()
     assert {"eval_score", "eval_pred_label", *(f"eval_{c}" for c in PROB_COLUMNS)} <= set(saved.columns)
+
+
+def test_a_csv_eval_file_gives_the_parquet_files_report(setup, capsys, tmp_path):
+    """eval.py reads .csv as predict.py does (all text; before, a CSV got "Parquet magic bytes not found")."""
+    _, _, _, from_parquet = run(setup, capsys)
+    csv_path = tmp_path / "eval.csv"
+    pd.read_parquet(setup.data).to_csv(csv_path, index=False)
+    setup.data = str(csv_path)
+    rc, _, _, from_csv = run(setup, capsys)
+    assert rc == 0
+    for key in ("n", "accuracy", "macro_f1", "ndcg", "ndcg_queries", "esci_tasks", "confusion_matrix"):
+        assert from_csv[key] == from_parquet[key], key

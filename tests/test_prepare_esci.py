@@ -325,3 +325,9 @@ def test_locale_all_keeps_the_same_pair_in_two_locales(esci_dir, tmp_path):
     train = read_split(tmp_path / "out", "train")
     pair = train[(train["query_id"] == 1) & (train["product_id"] == "P1")]
     assert sorted(pair["product_locale"]) == ["es", "us"]
+    assert summary["splits"]["train"]["rows_by_locale"] == train["product_locale"].value_counts().sort_index().to_dict()
+
+
+def test_a_tiny_max_item_chars_is_warned_not_silent(esci_dir, tmp_path, caplog):
+    code, summary = run(esci_dir, tmp_path / "out", "--max_item_chars", "1")
+    assert code == 0 and "--max_item_chars 1 cuts most item texts short" in caplog.text

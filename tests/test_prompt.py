@@ -183,3 +183,20 @@ def test_truncation_warning_when_over_5_percent_of_items_lose_half(qwen3_tokeniz
         assert f"{n_long} of 20 items" in warning and "--max_length" in warning
     else:
         assert warning is None
+
+
+def test_long_texts_are_cut_before_tokenizing_without_changing_what_truncation_keeps(qwen3_tokenizer):
+    """Mixed scripts, digits, punctuation, contractions, runs of spaces and newlines, emoji: the cut text's prompt
+    token ids and the truncation count equal the full text's, and a 1 MB item no longer tokenizes in full."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pieces = ["usb", "Charger", "65W", "—", "café", "naïve", "日本語の", "テキスト", "😀", "  ", "\n", "...", "it's",
+              "x1", "don't", "ÅÉ", "e\u0301", "<|im_end|>", "\t", "42", "a-b", "$9.99"]
+    docs = ["".join(rng.choice(pieces, size=4000) + rng.choice([" ", "", " "], size=4000)) for _ in range(30)]
+    queries = ["q"] * 20 + [docs[0]] * 10  # long queries take the cut path too
+    cut, full = PromptEncoder(qwen3_tokenizer, max_length=128), PromptEncoder(qwen3_tokenizer, max_length=128)
+    full._cut_safe = False
+    assert cut._cut_safe and sum(len(cut.cut_long_text(d)) < len(d) for d in docs) >= 25  # most were cut
+    assert cut.encode_batch(queries, docs) == full.encode_batch(queries, docs)
+    assert cut.n_items_cut_below_half == full.n_items_cut_below_half

@@ -123,3 +123,19 @@ def test_preprocessing_num_workers_must_be_positive(capsys):
         train_cli.main(["--base_model", "m", "--train_file", "t.parquet", "--output_dir", "o",
                         "--preprocessing_num_workers", "0"])
     assert info.value.code == 2 and "--preprocessing_num_workers must be at least 1" in capsys.readouterr().err
+
+
+def test_a_damaged_cache_is_rebuilt_not_a_traceback(qwen3_tokenizer, demo_data, tmp_path, caplog):
+    source = demo_data[0]
+    df = load_esci_parquet(source).head(50)
+    first = tokenize_split(df, PromptEncoder(qwen3_tokenizer, max_length=160), "train", source, str(tmp_path))
+    expected = first["input_ids"][:]
+    (folder,) = [os.path.join(tmp_path, CACHE_DIRNAME, f) for f in os.listdir(tmp_path / CACHE_DIRNAME)]
+    del first
+    for name in os.listdir(folder):
+        if name.endswith(".arrow"):
+            os.remove(os.path.join(folder, name))  # e.g. a cleaner that deleted part of it
+    encoder = PromptEncoder(qwen3_tokenizer, max_length=160)
+    again = tokenize_split(df, encoder, "train", source, str(tmp_path))
+    assert again["input_ids"][:] == expected and encoder.n_encoded == len(df)
+    assert "is damaged" in caplog.text and "rebuilding it" in caplog.text

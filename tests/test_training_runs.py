@@ -313,3 +313,23 @@ def test_wandb_credentials_in_a_netrc_or_the_environment_are_found_without_askin
     monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     assert train_config.report_to_problem("none,wandb") is None
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_exit_2_with_how_to_go_on(tiny_model_dir, demo_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    import errno
+
+    from transformers import Trainer
+
+    def disk_full(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", disk_full)
+    out = str(tmp_path / "full")
+    rc = train_cli.main(_args(tiny_model_dir, demo_data[0], out, "--max_steps", "2", "--save_steps", "2"))
+    captured = capsys.readouterr().err
+    errors = [line for line in captured.splitlines() if "error: " in line]
+    assert len(errors) == 1, captured[-3000:]
+    err = errors[0]
+    assert rc == 2 and "writing failed at step 2 (No space left on device)" in err
+    assert "--resume_from_checkpoint latest" in err

@@ -164,10 +164,13 @@ class TokenizedSplit(Dataset):
 def load_split(folder: str, encoder: PromptEncoder) -> TokenizedSplit:
     """The saved split, memory-mapped; its truncation counts are added to ``encoder``'s."""
     stats = read_json_object(os.path.join(folder, STATS_NAME))
+    saved = load_from_disk(folder, keep_in_memory=False)
+    split = TokenizedSplit(saved.data, info=saved.info, split=saved.split)
+    if len(split) != stats["rows"]:
+        raise ValueError(f"{len(split)} rows, but {STATS_NAME} says {stats['rows']}")
     encoder.n_encoded += stats["rows"]
     encoder.n_items_cut_below_half += stats["items_cut_below_half"]
-    saved = load_from_disk(folder, keep_in_memory=False)
-    return TokenizedSplit(saved.data, info=saved.info, split=saved.split)
+    return split
 
 
 def tokenize_split(df: pd.DataFrame, encoder: PromptEncoder, split: str, source: str, output_dir: str,
@@ -181,8 +184,14 @@ def tokenize_split(df: pd.DataFrame, encoder: PromptEncoder, split: str, source:
     """
     folder = os.path.join(output_dir, CACHE_DIRNAME, f"{split}-{split_fingerprint(df, source, encoder)}")
     if os.path.isdir(folder):
-        logger.info("loaded tokenized cache %s (%d %s rows)", folder, len(df), split)
-        return load_split(folder, encoder)
+        try:
+            loaded = load_split(folder, encoder)
+            logger.info("loaded tokenized cache %s (%d %s rows)", folder, len(df), split)
+            return loaded
+        except Exception as exc:  # a damaged cache (a deleted file, a full disk back then) is ours to rebuild
+            logger.warning("the tokenized cache %s is damaged (%s: %s); rebuilding it", folder, type(exc).__name__,
+                           str(exc).splitlines()[0] if str(exc) else "")
+            shutil.rmtree(folder, ignore_errors=True)
     num_proc = num_proc or default_num_proc(len(df))
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     start = time.perf_counter()

@@ -217,6 +217,8 @@ CASES = {
                                           files={"o/adapter_config.json": "{}", "o/adapter_model.safetensors": b"w"}),
     "train_output_holds_a_users_readme": Case("train", "", ("README.md", "--overwrite_output_dir"),
                                               files={"o/README.md": "# my notes"}),
+    "bench_pickle_only_model": Case("bench", "--model {tmp}/pb", ("pytorch_model.bin", "save_pretrained"),
+                                    files={"pb/pytorch_model.bin": b"not unpickled", "pb/config.json": "{}"}),
     "bench_json_unwritable": Case("bench", "--json /proc/bench.json", ("--json", "/proc/bench.json")),
     "demo_users_file_in_the_model_folder": Case("demo", "", ("--out_dir", "mine.txt", "another --out_dir"),
                                                 files={"demo/tiny-qwen3/mine.txt": "keep me"}),

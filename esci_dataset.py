@@ -430,33 +430,39 @@ def read_table(path: str) -> pd.DataFrame:
         raise ESCIDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
 
 
-def read_csv_strict(path: str) -> pd.DataFrame:
-    """A CSV file as text columns, read only as the user wrote it: a repeated header name, or a row with more or
-    fewer fields than the header, is an ESCIDataError naming them (pandas would rename ``query`` to ``query.1``,
-    or make the first field of every row an index and drop it, shifting every column).
-
-    All text: no number parsing of ids, and a title "NA" stays "NA"; only empty cells are missing.
-    """
+def check_csv_shape(path: str) -> None:
+    """One streaming pass over a CSV file: a repeated header name, or a row with more or fewer fields than the
+    header, is an ESCIDataError naming them (pandas would rename ``query`` to ``query.1``, or make the first
+    field of every row an index and drop it, shifting every column)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f)
             header = next(rows, [])
-            counts = Counter(header)
-            repeated = [name for name, n in counts.items() if n > 1]
+            repeated = [name for name, n in Counter(header).items() if n > 1]
             if repeated:
                 raise ESCIDataError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once; "
                                     "each column needs its own name")
             bad = [(rows.line_num, len(row)) for row in rows if row and len(row) != len(header)]  # a row's last line
-        if bad:
-            shown = ", ".join(f"line {n}: {k} fields" for n, k in bad[:_SHOW_ROWS])
-            more = f" (and {len(bad) - _SHOW_ROWS} more)" if len(bad) > _SHOW_ROWS else ""
-            raise ESCIDataError(f"{path}: {len(bad)} row(s) do not have the header's {len(header)} fields "
-                                f"(lines are 1-based, the header is line 1): {shown}{more}; quote fields that "
-                                "contain commas")
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
     except ESCIDataError:
         raise
-    except Exception as exc:  # csv and pandas raise several types for unreadable files
+    except Exception as exc:  # csv raises several types for unreadable files
+        raise ESCIDataError(f"{path}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
+    if bad:
+        shown = ", ".join(f"line {n}: {k} fields" for n, k in bad[:_SHOW_ROWS])
+        more = f" (and {len(bad) - _SHOW_ROWS} more)" if len(bad) > _SHOW_ROWS else ""
+        raise ESCIDataError(f"{path}: {len(bad)} row(s) do not have the header's {len(header)} fields "
+                            f"(lines are 1-based, the header is line 1): {shown}{more}; quote fields that "
+                            "contain commas")
+
+
+def read_csv_strict(path: str, chunksize: int | None = None):
+    """A CSV file as text columns (:func:`check_csv_shape` first): a DataFrame, or with ``chunksize`` an iterator
+    of DataFrames of that many rows. All text: no number parsing of ids, and a title "NA" stays "NA"; only empty
+    cells are missing."""
+    check_csv_shape(path)
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], index_col=False, chunksize=chunksize)
+    except Exception as exc:  # pandas raises several types for unreadable files
         raise ESCIDataError(f"{path}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
 
 

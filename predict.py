@@ -19,28 +19,34 @@ results for a request), predict refuses and asks for --column_prefix, which writ
 PREFIX + name. JSON output is strict: NaN and infinities become null.
 
 Bad input (a blank or non-text query/item, a line that is not a JSON object) is an error,
-exit 2, checked with --output before the model loads. Files are written atomically; if the
-final write fails (a full disk), the results go to the system temp folder and the error says where.
+exit 2, checked over the whole input with --output before the model loads. Files are written
+atomically; if the final write fails (a full disk), the results go to the system temp folder and
+the error says where.
+
+Large inputs stream: --chunk_size pairs are read, scored and written at a time, so memory is
+bounded by a chunk, and one progress bar (pairs/s, ETA) covers the whole input. With --output F,
+complete chunks go to F.partial/ and are joined into F when the run ends; after a kill, the same
+command with --resume checks that F.partial/ belongs to the same input, model and flags, and
+continues after its last complete chunk (every pair scored once, in order).
 
 A temperature stored with the adapter (train.py --calibrate) divides the label logits before the
 softmax; --no_temperature scores the raw logits. Several GPUs: torchrun --nproc_per_node N predict.py
-... --input FILE: each rank scores its share of the pairs, rank 0 writes them in input order.
+... --input FILE: each rank scores its share of every chunk, rank 0 writes them in input order.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from tqdm.auto import tqdm
 
-from esci_dataset import ESCIDataError, read_table, require_columns, validate_text_column
+from esci_dataset import ESCIDataError
 from tiny_reranker import distributed
 from tiny_reranker.cli import (
     ArgumentParser,
@@ -49,25 +55,26 @@ from tiny_reranker.cli import (
     check_output_file,
     check_outputs_apart,
     cli_error,
+    positive_int,
     reranker_from_args,
     save_or_fallback,
     set_up_logging,
 )
-from tiny_reranker.io import dumps_strict
 from tiny_reranker.model_files import check_model_paths
-from tiny_reranker.scoring import (
-    OUTPUT_COLUMNS,
-    PROB_COLUMNS,
-    prediction_columns,
-    prediction_records,
-    probs_from_logits,
-    rank_results,
+from tiny_reranker.pairs import (
+    check_no_clash,
+    extension,
+    flat_pairs,
+    iter_jsonl_chunks,
+    iter_table_chunks,
+    jsonl_lines,
+    with_predictions,
+    write_output,
 )
+from tiny_reranker.scoring import OUTPUT_COLUMNS, PROB_COLUMNS, probs_from_logits
+from tiny_reranker.streaming import PartialOutput, file_identity, folder_identity
 
 logger = logging.getLogger("predict")
-
-TABLE_FORMATS = (".parquet", ".csv", ".jsonl")
-_SHOW = 5  # bad lines quoted in an error message
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -80,6 +87,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="output file, format by extension (.parquet/.csv/.jsonl); its folder is created if needed. "
                         "Without it: JSON lines on stdout")
     g.add_argument("--top_k", type=int, default=None, help="for {query, items} requests: keep only the best K ranked items (without it: all)")
+    g.add_argument("--chunk_size", type=positive_int, default=DEFAULT_CHUNK_SIZE,
+                   help="pairs read, scored and written at a time (a request's items stay together): memory is "
+                        "bounded by one chunk. With --output, complete chunks go to OUTPUT.partial/ until the run "
+                        "ends, and --resume continues there after a kill")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUTPUT.partial/ (same input, model and flags; checked)")
     g.add_argument("--column_prefix", type=str, default="",
                    help="write our columns as PREFIX + name (e.g. pred_ -> pred_score); needed when the input already "
                         f"has a column or field named {', '.join(OUTPUT_COLUMNS)} (or results, for requests) (default: %(default)r)")
@@ -87,221 +100,48 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------
-# Input
+# Input, in chunks: one pass checks all of it before the model loads, the second scores it
 # ---------------------------------------------------------------------------
-def extension(path: str, flag: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in TABLE_FORMATS:
-        raise ESCIDataError(f"{flag} {path}: unsupported format {ext or '(no extension)'!r}; use "
-                            f"{', '.join(TABLE_FORMATS)}" + (" or - for JSON lines on stdin" if flag == "--input" else ""))
-    return ext
+DEFAULT_CHUNK_SIZE = 50_000  # pairs held at once: ~1 GB of ~2 KB items with their tokens; minutes of GPU work
 
 
-def read_pairs_table(path: str) -> pd.DataFrame:
-    """A .parquet or .csv file of pairs, validated; row order kept, index 0..n-1. Raises ESCIDataError."""
-    df = read_table(path).reset_index(drop=True)
-    require_columns(df, ("query", "item_text"), path)
-    problems = []
-    for column in ("query", "item_text"):  # report both columns at once, not one per run
-        try:
-            df[column] = validate_text_column(df, column, path)
-        except ESCIDataError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise ESCIDataError("; ".join(problems))
-    return df
+def input_chunks(args, stdin_lines: list[str] | None):
+    """A fresh iterator over the input's chunks: DataFrames for .parquet/.csv, lists of records for JSON lines."""
+    if args.input == "-":
+        return iter_jsonl_chunks(stdin_lines, "<stdin>", args.chunk_size)
+    if extension(args.input, "--input") == ".jsonl":
+        return _jsonl_file_chunks(args.input, args.chunk_size)
+    return iter_table_chunks(args.input, args.chunk_size)
 
 
-def _is_text(v) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-def _clip(text: str) -> str:
-    """``text`` cut to 80 characters, lone surrogates shown as ``\\udXXX`` escapes (they cannot be printed)."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _short(v) -> str:
-    """A JSON value as the user wrote it (``null``, ``"text"``, ``[1, 2]``), clipped."""
-    try:
-        return _clip(json.dumps(v, ensure_ascii=False))
-    except (TypeError, ValueError):
-        return _clip(repr(v))
-
-
-def _strings(obj) -> Iterable[str]:
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield key
-            yield from _strings(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            yield from _strings(value)
-
-
-def _not_unicode(obj) -> str | None:
-    """The first key or string in ``obj`` with an unpaired surrogate, else None.
-
-    ``"\\ud800"`` is valid JSON but not text: the tokenizer and the UTF-8 output cannot
-    take it. Undecodable bytes on stdin arrive as such surrogates too.
-    """
-    for text in _strings(obj):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return text
-    return None
-
-
-def _line_problem(obj) -> str | None:
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {_short(obj)}"
-    if not _is_text(obj.get("query")):
-        return f"'query' is missing, empty or not text: {_short(obj.get('query'))}"
-    if ("item_text" in obj) == ("items" in obj):
-        return "needs exactly one of 'item_text' (a pair) or 'items' (a request)"
-    if "item_text" in obj and not _is_text(obj["item_text"]):
-        return f"'item_text' is empty or not text: {_short(obj['item_text'])}"
-    items = obj.get("items", [])
-    if not isinstance(items, list):
-        return f"'items' must be a list of strings, got {_short(items)}"
-    bad = [f"items[{i}]={_short(v)}" for i, v in enumerate(items) if not _is_text(v)]
-    if bad:
-        return f"empty or non-text item(s): {', '.join(bad[:_SHOW])}"
-    bad_text = _not_unicode(obj)
-    if bad_text is not None:
-        return f"not valid text (an unpaired surrogate such as \\ud800, or bytes that are not UTF-8): {_short(bad_text)}"
-    return None
-
-
-def parse_jsonl(lines: Iterable[str], source: str) -> list[dict]:
-    """Pair and request objects from JSON lines (blank lines skipped). Raises ESCIDataError naming bad lines (1-based)."""
-    records, problems, number = [], [], 0
-    try:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"line {number}: not valid JSON ({exc.msg}): {_clip(line.strip())}")
-                continue
-            except ValueError as exc:  # e.g. an integer of more than 4300 digits
-                problems.append(f"line {number}: cannot be read as JSON ({str(exc).split(';')[0]}): {_clip(line.strip())}")
-                continue
-            except RecursionError:
-                problems.append(f"line {number}: JSON nested too deeply: {_clip(line.strip())}")
-                continue
-            problem = _line_problem(obj)
-            if problem:
-                problems.append(f"line {number}: {problem}")
-            else:
-                records.append(obj)
-    except UnicodeDecodeError as exc:
-        raise ESCIDataError(f"{source}: not UTF-8 text (near line {number + 1}: {exc.reason})") from None
-    if problems:
-        more = f" (and {len(problems) - _SHOW} more)" if len(problems) > _SHOW else ""
-        raise ESCIDataError(f"{source}: {len(problems)} bad JSON line(s) (lines are 1-based): "
-                            + "; ".join(problems[:_SHOW]) + more)
-    return records
-
-
-def read_jsonl_file(path: str) -> list[dict]:
+def _jsonl_file_chunks(path: str, chunk_size: int):
     if not os.path.exists(path):
         raise ESCIDataError(f"{path}: file not found")
     with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not text
-        return parse_jsonl(f, path)
+        yield from iter_jsonl_chunks(f, path, chunk_size)
 
 
-# ---------------------------------------------------------------------------
-# Scoring: every pair (table rows, pair lines, request items) in one flat list
-# ---------------------------------------------------------------------------
-def flat_pairs(df: pd.DataFrame | None, records: list[dict] | None) -> tuple[list[str], list[str]]:
-    if df is not None:
-        return df["query"].tolist(), df["item_text"].tolist()
-    queries, items = [], []
-    for rec in records:
-        texts = rec["items"] if "items" in rec else [rec["item_text"]]
-        queries += [rec["query"]] * len(texts)
-        items += texts
-    return queries, items
-
-
-def added_names(prefix: str, request: bool = False) -> list[str]:
-    """The columns/fields predict adds to a table row or pair line, or to a ``{query, items}`` request."""
-    return [prefix + name for name in (["results"] if request else OUTPUT_COLUMNS)]
-
-
-def check_no_clash(df: pd.DataFrame | None, records: list[dict] | None, prefix: str, source: str) -> None:
-    """Refuse input that already has a column/field we would write: never overwrite user data silently."""
-    if df is not None:
-        clash = [name for name in added_names(prefix) if name in df.columns]
-    else:
-        clash = sorted({name for rec in records for name in added_names(prefix, "items" in rec) if name in rec})
-    if clash:
-        kind = "column(s)" if df is not None else "field(s)"
-        raise ESCIDataError(
-            f"{source}: input {kind} {', '.join(map(repr, clash))} would be overwritten by the predictions; "
-            f"rename {'it' if len(clash) == 1 else 'them'}, or pass --column_prefix PREFIX to write ours as "
-            f"PREFIX + name (e.g. --column_prefix pred_ gives {', '.join('pred_' + n for n in clash)})")
-
-
-def with_predictions(df: pd.DataFrame | None, records: list[dict] | None, probs: np.ndarray, top_k: int | None,
-                     prefix: str = ""):
-    """Put ``probs`` (in :func:`flat_pairs` order) back: columns on a table; fields or ranked ``results`` on lines.
-
-    Every added name starts with ``prefix``; the fields inside ``results`` are ours alone and are not prefixed.
-    """
-    if df is not None:
-        return df.assign(**{prefix + name: values for name, values in prediction_columns(probs).items()}), None
-    preds, out = iter(prediction_records(probs)), []
-    for rec in records:
-        if "items" in rec:
-            ranked = rank_results(rec["items"], [next(preds) for _ in rec["items"]], top_k)
-            out.append({**{k: v for k, v in rec.items() if k != "items"}, prefix + "results": ranked})
-        else:
-            out.append({**rec, **{prefix + name: value for name, value in next(preds).items()}})
-    return None, out
-
-
-# ---------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------
-def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
-    """One strict JSON object per line: NaN/±inf (ours or the user's) become null, never ``NaN``/``Infinity``."""
-    for rec in records:
-        yield dumps_strict(rec, ensure_ascii=False) + "\n"
-
-
-def write_output(path: str, ext: str, df: pd.DataFrame | None, records: list[dict] | None) -> None:
-    """Write a scored table (``df``) or scored JSON records to ``path`` in the format of ``ext``
-    (``path`` is the temp file of ``cli.save_or_fallback``'s atomic write)."""
-    if ext == ".jsonl":
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
-        return
-    table = df if df is not None else pd.DataFrame(records)
-    if ext == ".parquet":
-        table.to_parquet(path, index=False)
-    else:
-        table.to_csv(path, index=False)
-
-
-# ---------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------
-def read_input(args, world_size: int = 1) -> tuple[pd.DataFrame | None, list[dict] | None]:
-    """``(table, None)`` for .parquet/.csv, ``(None, records)`` for JSON lines (file or stdin)."""
-    if args.input == "-":
-        if world_size > 1:
-            raise ESCIDataError("--input -: torchrun processes cannot share stdin; write the pairs to a file")
-        return None, parse_jsonl(sys.stdin, "<stdin>")
-    if extension(args.input, "--input") == ".jsonl":
-        return None, read_jsonl_file(args.input)
-    return read_pairs_table(args.input), None
+def scan_input(args, stdin_lines: list[str] | None) -> tuple[int, int]:
+    """Read the whole input once, chunk by chunk, checking everything that can be wrong with it before the model
+    loads: bad rows or lines, columns we would overwrite, and records that do not fit --output's format.
+    Returns ``(pairs, chunks)``."""
+    source = "<stdin>" if args.input == "-" else args.input
+    pairs = chunks = 0
+    schemas = []
+    for chunk in input_chunks(args, stdin_lines):
+        df, records = (chunk, None) if isinstance(chunk, pd.DataFrame) else (None, chunk)
+        check_no_clash(df, records, args.column_prefix, source)
+        if records is not None:
+            schemas += check_output_fits(args, records)
+        pairs += len(flat_pairs(df, records)[0])
+        chunks += 1
+    if len(schemas) > 1:  # chunks must also fit one parquet schema together
+        try:
+            pa.unify_schemas(schemas, promote_options="permissive")
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise ESCIDataError(f"--output {args.output}: the input's JSON fields do not fit parquet columns "
+                                f"({str(exc).splitlines()[0]}); write .jsonl or .csv instead") from None
+    return pairs, chunks
 
 
 def check_output_path(args) -> None:
@@ -311,81 +151,131 @@ def check_output_path(args) -> None:
         check_output_file(args.output, "--output")
         check_outputs_apart({"--output": args.output}, {"--input": None if args.input == "-" else args.input,
                                                         "--base_model": args.base_model, "--lora_model": args.lora_model})
+    elif args.resume:
+        raise ESCIDataError("--resume needs --output: a run to stdout leaves no partial output to continue")
 
 
-def check_output_fits(args, records: list[dict] | None) -> None:
-    """The input can be written in ``--output``'s format."""
+def check_output_fits(args, records: list[dict]) -> list:
+    """The records can be written in ``--output``'s format; for parquet, returns their schema (one item)."""
     if args.output is None:
-        return
+        return []
     ext = extension(args.output, "--output")
-    if ext != ".jsonl" and records is not None and any("items" in r for r in records):
+    if ext != ".jsonl" and any("items" in r for r in records):
         raise ESCIDataError(f"--output {args.output}: {{query, items}} requests produce ranked lists; "
                             "write them as .jsonl or to stdout")
     if ext == ".parquet" and records:  # found now, not after scoring: a field whose values mix types
         try:
-            pa.Table.from_pandas(pd.DataFrame(records), preserve_index=False)
+            return [pa.Table.from_pandas(pd.DataFrame(records), preserve_index=False).schema]
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise ESCIDataError(f"--output {args.output}: the input's JSON fields do not fit parquet columns "
                                 f"({str(exc).splitlines()[0]}); write .jsonl or .csv instead") from None
+    return []
 
 
+def run_identity(args) -> dict:
+    """What a partial output must share with the command that resumes it: the input, the model files, and the
+    flags that change the numbers or the rows (not --batch_size or --max_batch_tokens: an OOM may need others)."""
+    return {"input": file_identity(args.input), "base_model": folder_identity(args.base_model),
+            "lora_model": folder_identity(args.lora_model),
+            "flags": {k: getattr(args, k) for k in ("max_length", "dtype", "bf16", "no_temperature", "no_flash_attn",
+                                                     "top_k", "column_prefix", "chunk_size")}}
+
+
+def finish_output(tmp: str, partial: PartialOutput) -> None:
+    """The final --output (``tmp``: the temp file of its atomic write): the partial output's chunks, joined."""
+    partial.join(tmp)
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     # 1. Arguments, processes, logging (stderr only: stdout may carry the JSON lines) -----
     args = make_parser().parse_args(argv)
-    shard = distributed.start()  # torchrun: this rank's share of the pairs; one process: all of them
+    shard = distributed.start()  # torchrun: each rank scores its share of every chunk; rank 0 writes
     set_up_logging(logger, args, shard.is_main)  # stderr: stdout may carry the JSON lines
     if args.top_k is not None and args.top_k < 0:
         return cli_error(f"--top_k must be >= 0, got {args.top_k}")
 
     try:
-        # 2. Input and output checks, before the (slow) model load ------------
+        # 2. Input and output checks over the whole input, before the (slow) model load ------------
         check_model_paths(args.base_model, args.lora_model)
         check_output_path(args)
-        df, records = read_input(args, shard.world_size)
-        check_output_fits(args, records)
-        check_no_clash(df, records, args.column_prefix, "<stdin>" if args.input == "-" else args.input)
+        if args.input == "-" and shard.world_size > 1:
+            raise ESCIDataError("--input -: torchrun processes cannot share stdin; write the pairs to a file")
+        stdin_lines = sys.stdin.readlines() if args.input == "-" else None  # a pipe can be read only once
+        n_pairs, n_chunks = scan_input(args, stdin_lines)
+        partial = None
+        if args.output is not None:
+            partial = PartialOutput(args.output, run_identity(args))
+            if shard.is_main:  # one rank decides; every rank then refuses or skips alike, so none is left waiting
+                try:
+                    done = partial.open(args.resume)
+                except ESCIDataError as exc:
+                    done = str(exc)
+            done = shard.broadcast(done if shard.is_main else None)
+            if isinstance(done, str):
+                raise ESCIDataError(done)
+        else:
+            done = 0
     except ESCIDataError as exc:
         return cli_error(exc)
-    queries, items = flat_pairs(df, records)
-    logger.info("%d pair(s) to score from %s", len(queries), args.input)
+    logger.info("%d pair(s) in %d chunk(s) of up to %d to score from %s%s", n_pairs, n_chunks, args.chunk_size,
+                args.input, f"; resuming after chunk {done}" if done else "")
 
-    # 3. Model (skipped when there is nothing to score) ---------------------------
+    # 3. Model (skipped when there is nothing left to score) ---------------------------
     reranker = None
-    if queries:
+    if n_pairs and done < n_chunks:
         try:
             reranker = reranker_from_args(args, device=shard.device)
         except (OSError, ValueError) as exc:  # missing/unloadable model, or an adapter with a different prompt
             return cli_error(f"cannot load the reranker (--base_model {args.base_model}, --lora_model {args.lora_model}): "
                              f"{exc}")
-
-    # 4. Score this rank's pairs (length-sorted batches); rank 0 gathers them in input order ----
-    if reranker is None:
+    elif not n_pairs:
         logger.warning("%s has no pairs; writing an empty output", args.input)
+
+    # 4. Score chunk by chunk (length-sorted batches; ranks share each chunk); rank 0 writes each in order ----
+    ext = extension(args.output, "--output") if args.output else ".jsonl"
+    progress = tqdm(total=n_pairs, unit="pair", desc="scoring", dynamic_ncols=True,
+                    disable=not shard.is_main or args.input == "-")  # stderr, with pairs/s and an ETA
+    for index, chunk in enumerate(input_chunks(args, stdin_lines)):
+        df, records = (chunk, None) if isinstance(chunk, pd.DataFrame) else (None, chunk)
+        queries, items = flat_pairs(df, records)
+        if index < done:  # complete in the partial output: every pair is scored once
+            progress.update(len(queries))
+            continue
         probs = np.zeros((0, len(PROB_COLUMNS)))
-    else:
-        mine = reranker.predict_logits(shard.take(queries), shard.take(items),
-                                       progress=shard.is_main and args.input != "-")  # tqdm on stderr for files
-        logits = shard.gather(mine, len(queries))
+        if queries:
+            logits = shard.gather(reranker.predict_logits(shard.take(queries), shard.take(items)), len(queries))
+            if shard.is_main:
+                try:  # on rank 0 after the gather, so a refusal never leaves other ranks waiting
+                    probs = probs_from_logits(logits, reranker.temperature)
+                except ESCIDataError as exc:  # non-finite logits: a broken adapter or an overflowing dtype
+                    progress.close()  # the error gets its own line
+                    return cli_error(f"--base_model {args.base_model}, --lora_model {args.lora_model}: {exc}"
+                                     + (f" (complete chunks are kept in {partial.folder})" if partial else ""))
+        progress.update(len(queries))
         if not shard.is_main:
-            return 0
-        if (warning := reranker.encoder.truncation_warning()):
-            logger.warning("input: %s", warning)
-        try:  # on rank 0 after the gather, so a refusal never leaves other ranks waiting
-            probs = probs_from_logits(logits, reranker.temperature)
-        except ESCIDataError as exc:  # non-finite logits: a broken adapter or an overflowing dtype
-            return cli_error(f"--base_model {args.base_model}, --lora_model {args.lora_model}: {exc}")
+            continue
+        df, records = with_predictions(df, records, probs, args.top_k, args.column_prefix)
+        if partial is None:  # stdout: each chunk as soon as it is scored
+            sys.stdout.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
+            sys.stdout.flush()
+        else:
+            partial.add(index, lambda tmp, df=df, records=records, first=index == 0:
+                        write_output(tmp, ext, df, records, header=first))
+    progress.close()
     if not shard.is_main:
         return 0
-    df, records = with_predictions(df, records, probs, args.top_k, args.column_prefix)
-
-    # 5. Write (if the file cannot be written now, the results go to a fallback file) -------
-    if args.output is None:
-        sys.stdout.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
-        sys.stdout.flush()
+    if reranker is not None and (warning := reranker.encoder.truncation_warning()):
+        logger.warning("input: %s", warning)  # (under torchrun: rank 0's share of the pairs)
+    if partial is None:
         return 0
-    ext = extension(args.output, "--output")
-    rc = save_or_fallback(args.output, lambda tmp: write_output(tmp, ext, df, records), "--output")
+
+    # 5. Join the chunks into --output (if it cannot be written now, they go to a fallback file) -------
+    rc = save_or_fallback(args.output, lambda tmp: finish_output(tmp, partial), "--output")
     if rc == 0:
+        partial.remove()
         logger.info("wrote %s", args.output)
     return rc
 

@@ -117,6 +117,7 @@ def test_a_rank_whose_rows_went_nan_still_reaches_the_gather(cli, poisoned_model
     handed_over = []
     monkeypatch.setattr(distributed, "start", lambda: distributed.Shard(rank=1, world_size=2))
     monkeypatch.setattr(distributed.Shard, "gather", lambda self, part, n: handed_over.append(part))
+    monkeypatch.setattr(distributed.Shard, "broadcast", lambda self, value: 0)  # rank 0's word: no chunk done yet
     if cli == "eval":
         rc = eval_cli.main([*_flags(poisoned_model), "--eval_file", str(data), "--metrics_path", str(tmp_path / "m.json")])
     else:

@@ -251,14 +251,14 @@ def test_output_folder_is_created(fixed_model, tmp_path, capsys):
 
 
 def test_a_full_disk_at_the_end_keeps_the_results(fixed_model, tmp_path, capsys, monkeypatch):
-    real_write, out_dir = predict_cli.write_output, tmp_path / "out"
+    real_write, out_dir = predict_cli.finish_output, tmp_path / "out"
 
     def disk_full_in_out_dir(path, *args):
         if os.path.dirname(os.path.abspath(path)) == str(out_dir):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(path, *args)
 
-    monkeypatch.setattr(predict_cli, "write_output", disk_full_in_out_dir)
+    monkeypatch.setattr(predict_cli, "finish_output", disk_full_in_out_dir)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spare"))
     os.makedirs(tmp_path / "spare")
     (tmp_path / "in.jsonl").write_text('{"query": "q", "item_text": "a"}\n{"query": "q", "item_text": "b"}\n')

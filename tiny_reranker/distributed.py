@@ -63,6 +63,10 @@ class Shard:
         """This rank's share of ``values`` (all of them in one process)."""
         return [values[i] for i in shard_rows(len(values), self.rank, self.world_size)]
 
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (a small picklable object)."""
+        return _broadcast(value, self.world_size)
+
     def gather(self, part: np.ndarray, n: int) -> np.ndarray | None:
         """Every rank's ``part`` (its rows of :meth:`take`), in input order, on rank 0; None on the others."""
         if self.world_size == 1:
@@ -70,6 +74,14 @@ class Shard:
         parts = [None] * self.world_size if self.is_main else None
         dist.gather_object(np.asarray(part), parts, dst=0)
         return unshard(parts, n) if self.is_main else None
+
+
+def _broadcast(value, world: int):
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def world_size() -> int:

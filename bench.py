@@ -37,8 +37,10 @@ from esci_dataset import LABELS, ESCIDataError, PromptEncoder, label_token_ids
 from tiny_reranker import compat
 from tiny_reranker.benchmark import (
     PeakMemory,
+    catalog_pairs,
     load_bench_model,
     naive_batches,
+    predict_peak_rss,
     published_token_ids,
     reference_eval,
     synthetic_pairs,
@@ -52,6 +54,7 @@ from tiny_reranker.cli import (
     positive_int,
     save_or_fallback,
 )
+from tiny_reranker.demo_model import build_tiny_model
 from tiny_reranker.io import write_json
 from tiny_reranker.modeling import apply_lora, attach_label_head, detach_label_head, resolve_dtype
 from tiny_reranker.reranker import Reranker
@@ -70,6 +73,9 @@ def make_parser() -> argparse.ArgumentParser:
     add_dtype_args(p, "the dtype both sides use")
     p.add_argument("--whole_process", action="store_true",
                    help="also time eval.py as a user runs it (a fresh process) against the published recipe as a script")
+    p.add_argument("--predict_memory", type=str, default=None, metavar="N1,N2",
+                   help="instead: predict.py's peak memory on N1 and on N2 pairs of ~2 KB items (fresh processes, "
+                        "interleaved --repeats), and how much it grows; e.g. 5000,40000")
     p.add_argument("--reference_process", action="store_true", help=argparse.SUPPRESS)  # internal: one reference run
     p.add_argument("--eval_file", type=str, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max_length", type=int, default=512, help=argparse.SUPPRESS)
@@ -250,6 +256,39 @@ def whole_process_benchmark(model, tokenizer, queries, items, args, workdir) -> 
 
 
 # ---------------------------------------------------------------------------
+# predict.py's memory as the input grows (issue 21: bounded by the chunk, not the input)
+# ---------------------------------------------------------------------------
+def predict_memory_benchmark(args, workdir: str) -> int:
+    """Peak RSS of predict.py (the tiny model, --max_length 128, default --chunk_size) on two input sizes, as the
+    median of interleaved fresh-process repeats; ends with the growth in MB."""
+    sizes = [int(n) for n in args.predict_memory.split(",")]
+    model_dir = build_tiny_model(os.path.join(workdir, "tiny-qwen3"))
+    inputs = {}
+    for n in sizes:
+        inputs[n] = os.path.join(workdir, f"pairs-{n}.parquet")
+        catalog_pairs(n, args.seed).to_parquet(inputs[n], index=False)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predict.py")
+    peaks, seconds = {n: [] for n in sizes}, {n: [] for n in sizes}
+    for rep in range(args.repeats):
+        for n in (sizes if rep % 2 == 0 else sizes[::-1]):
+            out = os.path.join(workdir, f"scored-{n}-{rep}.parquet")
+            peak, secs = predict_peak_rss(script, ["--base_model", model_dir, "--input", inputs[n], "--output", out,
+                                                   "--max_length", "128", "--dtype", "fp32"])
+            peaks[n].append(peak)
+            seconds[n].append(secs)
+    med = {n: statistics.median(peaks[n]) / 2**20 for n in sizes}
+    print(f"\n{'pairs':>8}{'peak MiB':>10}{'seconds':>9}   (predict.py, tiny model, ~2 KB items, max_length 128)")
+    for n in sizes:
+        print(f"{n:>8}{med[n]:>10.0f}{statistics.median(seconds[n]):>9.1f}   per repeat "
+              + ", ".join(f"{p / 2**20:.0f}" for p in peaks[n]))
+    growth = med[sizes[-1]] - med[sizes[0]]
+    print(f"\npredict_peak_memory_growth_mb: {growth:.0f}  ({sizes[0]} -> {sizes[-1]} pairs)")
+    if args.json:
+        write_json(args.json, {"pairs": sizes, "peak_bytes": peaks, "seconds": seconds, "growth_mb": growth})
+    return 0
+
+
+# ---------------------------------------------------------------------------
 def _median_spread(values):
     return statistics.median(values), (max(values) - min(values))
 
@@ -266,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             return cli_error(exc)
     workdir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tiny-reranker-bench-{os.getpid()}")
     try:
+        if args.predict_memory:
+            return predict_memory_benchmark(args, workdir)
         return run_benchmarks(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # a saved 0.6B model is GBs

@@ -102,7 +102,7 @@ def make_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------
 # Input, in chunks: one pass checks all of it before the model loads, the second scores it
 # ---------------------------------------------------------------------------
-DEFAULT_CHUNK_SIZE = 50_000  # pairs held at once: ~1 GB of ~2 KB items with their tokens; minutes of GPU work
+DEFAULT_CHUNK_SIZE = 10_000  # pairs in flight: ~120 MB with ~2 KB items (~12 KB a pair in all); a minute of GPU work
 
 
 def input_chunks(args, stdin_lines: list[str] | None):

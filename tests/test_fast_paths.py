@@ -138,3 +138,16 @@ def test_length_sorted_batches_cover_every_row_once_within_budget_and_padding(n)
         assert len(idx) <= 64 and (len(idx) == 1 or len(idx) * longest <= 8192)
         assert lengths[idx].min() >= 0.9 * longest
     assert lengths[batches[0]].max() == lengths.max()  # longest first: an OOM shows at once
+
+
+def test_predict_memory_probe_sees_what_a_process_holds(tmp_path):
+    """bench.py --predict_memory reads a fresh process's peak RSS: a script that holds 200 MB must show it."""
+    from tiny_reranker.benchmark import catalog_pairs, predict_peak_rss
+
+    script = tmp_path / "hold.py"
+    script.write_text("import sys\nblock = bytearray(200 * 2**20)\nblock[::4096] = b'x' * len(block[::4096])\n"
+                      "sys.exit(0 if sys.argv[1:] == ['--flag'] else 3)\n")
+    peak, seconds = predict_peak_rss(str(script), ["--flag"])
+    assert peak > 200 * 2**20 and seconds >= 0
+    pairs = catalog_pairs(3, seed=1)
+    assert len(pairs) == 3 and pairs["item_text"].str.len().between(1500, 2500).all() and pairs["item_text"].is_unique

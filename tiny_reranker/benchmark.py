@@ -184,3 +184,39 @@ def naive_batches(token_ids, labels, label_ids, batch_size, pad_id, seed):
             mask[r, :len(row)] = 1
             lm_labels[r, len(row) - 1] = row[-1]
         yield {"input_ids": ids, "attention_mask": mask, "labels": lm_labels}
+
+
+# ---------------------------------------------------------------------------
+# predict.py's peak memory as the input grows
+# ---------------------------------------------------------------------------
+ITEM_CHARS = 2000  # a catalog item with title, bullets and description: ~1.9 KB of text
+
+
+def catalog_pairs(n: int, seed: int = 0):
+    """``n`` (query, item_text) pairs whose items are ~2 KB of catalog-like words, every item different."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+    n_words = ITEM_CHARS // 7  # WORDS average ~6 characters and a space
+    items = [" ".join(words[rng.integers(0, len(words), n_words)]) + f" sku {i}" for i in range(n)]
+    queries = [" ".join(words[rng.integers(0, len(words), 3)]) for _ in range(n)]
+    return pd.DataFrame({"query": queries, "item_text": items})
+
+
+def predict_peak_rss(script: str, argv: list[str]) -> tuple[int, float]:
+    """(peak resident memory in bytes, seconds) of ``python script argv...`` run in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import os, resource, runpy, sys, time; sys.argv = [sys.argv[1], *sys.argv[2:]]; start = time.time(); "
+            "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))\n"
+            "rc = 0\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.time() - start, rc, "
+            "file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, script, *argv], capture_output=True, text=True)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("PEAK ")]
+    if not line or line[-1].split()[3] != "0":
+        raise RuntimeError(f"{script} failed:\n{proc.stderr[-2000:]}")
+    _, peak, seconds, _ = line[-1].split()
+    return int(peak), float(seconds)

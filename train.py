@@ -319,7 +319,8 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
         e = metrics["eval"]
         logger.info("held-out eval: accuracy %.4f (majority %.4f), macro-F1 %.4f, nDCG %s (ESCI task 1, raw logits)",
                     e["eval_accuracy"], e["eval_majority_accuracy"], e["eval_macro_f1"],
-                    f"{e['eval_ndcg']:.4f}" if "eval_ndcg" in e else "n/a (no held-out query has a relevant item)")
+                    f"{e['eval_ndcg']:.4f} (random order {e['eval_ndcg_random']:.4f})" if "eval_ndcg" in e
+                    else "n/a (no held-out query has a relevant item)")
     c = metrics.get("calibration", {})
     if c.get("temperature") is not None:
         logger.info("temperature T=%.4f fitted on %d held-out pairs: NLL %.4f -> %.4f, ECE %.4f -> %.4f "

@@ -121,6 +121,19 @@ def test_printed_report_explains_labels_score_and_model_then_worst_queries_besid
     assert "HDMI cable" in out[mistakes:].splitlines()[1]
 
 
+def test_every_ndcg_is_printed_beside_its_random_order_baseline(setup, capsys):
+    from tiny_reranker.metrics import random_order_ndcg
+
+    rc, out, _, report = run(setup, capsys)
+    df = pd.read_parquet(setup.data)
+    chance = random_order_ndcg(df["query_id"].to_numpy(), df["esci_label"].map(LABEL_TO_ID).to_numpy())
+    assert rc == 0 and report["ndcg_random"] == pytest.approx(chance) and report["ndcg@10_random"] is not None
+    line = next(ln for ln in out.splitlines() if ln.startswith("nDCG (ESCI gains"))
+    assert f"{report['ndcg']:.4f} (random order {chance:.4f})" in line and "nDCG@10" in line
+    assert f"(random order: {chance:.4f})" in next(ln for ln in out.splitlines() if "task 1" in ln)
+    assert report["queries"] == df["query_id"].nunique() >= report["ndcg_queries"]
+
+
 def test_an_eval_file_with_several_locales_gets_metrics_per_locale(setup, capsys):
     df = pd.read_parquet(setup.data)
     df["product_locale"] = ["us"] * 8 + ["es"] * 4  # queries 1-2 us, query 3 es

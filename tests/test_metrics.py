@@ -296,3 +296,19 @@ def test_breakdown_gives_each_slice_its_own_metrics_by_hand():
     assert out["us"]["ndcg"] == pytest.approx((1.0 + (0.1 + 1.0 / np.log2(3)) / idcg) / 2)
     assert out["jp"]["accuracy"] == pytest.approx(1 / 2) and out["jp"]["ndcg"] is None  # only I items: undefined
     assert breakdown(by, y_true, y_pred, scores, None)["us"]["ndcg"] is None
+
+
+def test_random_order_ndcg_is_the_exact_expectation_over_permutations():
+    """Hand-computed: gains [1, 0] over two ranks give E[DCG] = (1 + 1/log2(3)) / 2 and IDCG 1. A 3-item query
+    [E, S, I] agrees with the mean over all six orders; queries without a relevant item are left out, as in nDCG."""
+    from itertools import permutations
+
+    from tiny_reranker.metrics import random_order_ndcg
+
+    assert random_order_ndcg(np.array([0, 0]), np.array([E, I])) == pytest.approx((1 + 1 / np.log2(3)) / 2)
+    y = np.array([E, S, I])
+    exhaustive = np.mean([ndcg(np.array([1.0, 0.1, 0.0]), -np.array(order, dtype=float))
+                          for order in permutations(range(3))])
+    groups = np.array([7, 7, 7, 8, 8])  # query 8 has only I items: undefined, skipped
+    assert random_order_ndcg(groups, np.r_[y, [I, I]]) == pytest.approx(exhaustive)
+    assert random_order_ndcg(groups[:3], y, k=1) == pytest.approx((1.0 + 0.1 + 0.0) / 3 / 1.0)

@@ -180,6 +180,14 @@ def mean_ndcg(groups: np.ndarray, y_true: np.ndarray, scores: np.ndarray, k: int
     return _mean_of(per_query_ndcg(groups, y_true, scores, k))
 
 
+def random_order_ndcg(groups: np.ndarray, y_true: np.ndarray, k: int | None = None) -> float | None:
+    """The chance line for :func:`mean_ndcg`: the expected nDCG of ranking each query's items in random order, over
+    the same queries. Exact, not sampled: with every score tied, each rank gets the mean gain of the query's items,
+    which is a random permutation's expected DCG. On ESCI it is high (~0.94 on real US slices: many E items), so
+    an nDCG means little without it."""
+    return mean_ndcg(groups, y_true, np.zeros(len(np.asarray(y_true))), k)[0]
+
+
 def _mean_of(rows: list[dict]) -> tuple[float | None, int]:
     return (float(np.mean([row["ndcg"] for row in rows])) if rows else None), len(rows)
 
@@ -265,6 +273,9 @@ def evaluation_report(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray,
         report["ndcg"], report["ndcg_queries"] = _mean_of(rows)
         report["esci_tasks"]["task1_ranking_ndcg"] = report["ndcg"]
         report["ndcg@10"], _ = mean_ndcg(groups, y_true, scores, k=10)
+        report["ndcg_random"] = random_order_ndcg(groups, y_true)  # the chance line beside every nDCG
+        report["ndcg@10_random"] = random_order_ndcg(groups, y_true, k=10)
+        report["queries"] = int(len(np.unique(np.asarray(groups).astype(str))))
         report["worst_queries"] = _lowest(rows, n_worst)
     return report
 
@@ -272,7 +283,7 @@ def evaluation_report(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray,
 def breakdown(by: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray,
               groups: np.ndarray | None) -> dict[str, dict]:
     """The headline metrics per value of ``by`` (e.g. ``product_locale``), keyed by the value as a string, sorted:
-    ``{n, accuracy, macro_f1, majority_accuracy, ndcg}``. ``ndcg`` (ESCI task 1 on the slice's rows) is None
+    ``{n, accuracy, macro_f1, majority_accuracy, ndcg, ndcg_random}``. ``ndcg`` (ESCI task 1 on the slice's rows) is None
     without query groups or when no query of the slice has a relevant item."""
     by, y_true, y_pred = np.asarray(by).astype(str), np.asarray(y_true), np.asarray(y_pred)
     scores = np.asarray(scores, dtype=float)
@@ -282,7 +293,8 @@ def breakdown(by: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, scores: np
         m = classification_metrics(y_true[rows], y_pred[rows])
         out[value] = {"n": int(rows.sum()), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                       "majority_accuracy": majority_baseline(y_true[rows])["accuracy"],
-                      "ndcg": None if groups is None else mean_ndcg(np.asarray(groups)[rows], y_true[rows], scores[rows])[0]}
+                      "ndcg": None if groups is None else mean_ndcg(np.asarray(groups)[rows], y_true[rows], scores[rows])[0],
+                      "ndcg_random": None if groups is None else random_order_ndcg(np.asarray(groups)[rows], y_true[rows])}
     return out
 
 

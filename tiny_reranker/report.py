@@ -110,11 +110,11 @@ def print_report(report: dict, adapter: str | None) -> None:
         print(f"  nDCG without -> with the temperature: {c['ndcg_before']:.4f} -> {c['ndcg_after']:.4f}"
               " (it can reorder items by score)")
     if report.get("by_locale"):
-        print(f"\nby {LOCALE_COLUMN}:{'n':>9}  accuracy  macro_f1  majority      nDCG")
+        print(f"\nby {LOCALE_COLUMN}:{'n':>9}  accuracy  macro_f1  majority      nDCG    random")
         for locale, m in report["by_locale"].items():
-            ndcg = "n/a" if m["ndcg"] is None else f"{m['ndcg']:.4f}"
+            ndcg, chance = (_fmt(m.get(key)) for key in ("ndcg", "ndcg_random"))
             print(f"  {locale:<17}{m['n']:>8d}  {m['accuracy']:>8.4f}  {m['macro_f1']:>8.4f}  "
-                  f"{m['majority_accuracy']:>8.4f}  {ndcg:>8}")
+                  f"{m['majority_accuracy']:>8.4f}  {ndcg:>8}  {chance:>8}")
     if report.get("worst_queries"):
         print("\nworst queries by nDCG:")
         for q in report["worst_queries"]:
@@ -170,12 +170,18 @@ def format_report(report: dict, adapter: str | None = _NOT_GIVEN) -> str:
         f"{label}={_fmt(v)}" for label, v in report["mean_score_by_true_label"].items())]
     lines.append(f"ROC-AUC  E vs rest: {_fmt(report['roc_auc_E_vs_rest'])}   E+S vs C+I: {_fmt(report['roc_auc_ES_vs_CI'])}")
     if "ndcg" in report:
-        lines.append(f"nDCG (ESCI gains 1/0.1/0.01/0): {_fmt(report['ndcg'])}   nDCG@10: {_fmt(report['ndcg@10'])}"
-                     f"   over {report['ndcg_queries']} queries")
+        skipped = report["queries"] - report["ndcg_queries"] if "queries" in report else None
+        lines.append(f"nDCG (ESCI gains 1/0.1/0.01/0): {_fmt(report['ndcg'])} (random order "
+                     f"{_fmt(report.get('ndcg_random'))})   nDCG@10: {_fmt(report['ndcg@10'])} (random order "
+                     f"{_fmt(report.get('ndcg@10_random'))})")
+        lines.append(f"  over {report['ndcg_queries']} queries" + (
+            f" of {report['queries']} ({skipped} without an E, S or C item have no nDCG and are left out)"
+            if skipped else ""))
     if "esci_tasks" in report:
         t = report["esci_tasks"]
         lines += ["", "ESCI benchmark tasks (KDD Cup 2022)",
-                  f"  task 1 query-product ranking, nDCG:           {_fmt(t['task1_ranking_ndcg'])}",
+                  f"  task 1 query-product ranking, nDCG:           {_fmt(t['task1_ranking_ndcg'])}"
+                  f"   (random order: {_fmt(report.get('ndcg_random'))})",
                   f"  task 2 E/S/C/I classification, micro-F1:      {_fmt(t['task2_esci_micro_f1'])}"
                   f"   macro-F1: {_fmt(t['task2_esci_macro_f1'])}",
                   f"  task 3 substitute identification, micro-F1:   {_fmt(t['task3_substitute_micro_f1'])}"

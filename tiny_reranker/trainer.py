@@ -23,7 +23,7 @@ from tiny_reranker.batching import TrainStepCollator
 from tiny_reranker.calibration import at_search_bound, calibration_before_after, fit_temperature
 from tiny_reranker.contract import save_run_contract
 from tiny_reranker.forward import step_logits
-from tiny_reranker.metrics import classification_metrics, majority_baseline, task1_ranking_ndcg
+from tiny_reranker.metrics import classification_metrics, majority_baseline, random_order_ndcg, task1_ranking_ndcg
 from tiny_reranker.modeling import non_finite_names
 from tiny_reranker.scoring import scores_from_probs, softmax
 from tiny_reranker.train_config import TrainerConfig
@@ -54,7 +54,7 @@ def held_out_metrics(groups) -> Callable[[EvalPrediction], dict[str, float]]:
         metrics["majority_accuracy"] = majority_baseline(labels)["accuracy"]
         ndcg = task1_ranking_ndcg(groups, labels, scores_from_probs(softmax(logits)))
         if ndcg is not None:  # None when no held-out query has a relevant item
-            metrics["ndcg"] = ndcg
+            metrics["ndcg"], metrics["ndcg_random"] = ndcg, random_order_ndcg(groups, labels)  # and its chance line
         return metrics
 
     return compute_metrics

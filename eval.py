@@ -151,14 +151,16 @@ def logged(what: str, path: str, rc: int) -> int:
 
 
 def write_plots(df: pd.DataFrame, logits: np.ndarray, temperature: dict, metrics_path: str) -> int:
-    """The four PNGs next to the metrics JSON: the raw model, with the temperature's reliability beside it."""
+    """The four PNGs next to the metrics JSON, on the report's probabilities (the temperature applied unless
+    --no_temperature), with the raw and calibrated reliability side by side."""
     from tiny_reranker.plots import plot_eval  # matplotlib loads only when plots are drawn
 
     y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
     calibrated = probs_from_logits(logits, temperature["value"]) if temperature["value"] is not None else None
     folder = os.path.dirname(os.path.abspath(metrics_path))
     try:
-        paths = plot_eval(y_true, probs_from_logits(logits), folder, plot_prefix(metrics_path), calibrated)
+        paths = plot_eval(y_true, probs_from_logits(logits), folder, plot_prefix(metrics_path), calibrated,
+                          use_calibrated=temperature["applied"])  # the probabilities the report shows
     except OSError as exc:
         return cli_error(f"plots: writing into {folder} failed ({exc.strerror or exc}); the metrics and scores are not affected (where they went is logged above)")
     logger.info("plots written: %s", ", ".join(paths))

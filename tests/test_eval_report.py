@@ -268,3 +268,17 @@ def test_a_csv_eval_file_gives_the_parquet_files_report(setup, capsys, tmp_path)
     assert rc == 0
     for key in ("n", "accuracy", "macro_f1", "ndcg", "ndcg_queries", "esci_tasks", "confusion_matrix"):
         assert from_csv[key] == from_parquet[key], key
+
+
+def test_plots_show_the_probabilities_the_report_applies(setup, capsys, monkeypatch):
+    """With a stored temperature, the histogram and ROC use the calibrated probabilities the report uses (they
+    used the raw logits while the report applied T); under --no_temperature, the raw ones."""
+    from tiny_reranker import plots
+
+    with open(os.path.join(setup.lora, LABEL_CONFIG_NAME), "w") as f:
+        json.dump({"temperature": 2.0}, f)
+    seen = []
+    real = plots.plot_eval
+    monkeypatch.setattr(plots, "plot_eval", lambda *a, **k: seen.append(k.get("use_calibrated")) or real(*a, **k))
+    assert run(setup, capsys)[0] == 0 and run(setup, capsys, "--no_temperature")[0] == 0
+    assert seen == [True, False]

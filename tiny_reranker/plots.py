@@ -111,7 +111,7 @@ def _confusion_figure(y_true: np.ndarray, y_pred: np.ndarray) -> Figure:
     return fig
 
 
-def _score_distribution_figure(y_true: np.ndarray, scores: np.ndarray) -> Figure:
+def _score_distribution_figure(y_true: np.ndarray, scores: np.ndarray, which: str = "raw logits") -> Figure:
     fig = Figure(figsize=PANEL, layout="constrained")
     ax = fig.subplots()
     bins = np.linspace(0.0, 1.0, 31)
@@ -122,12 +122,12 @@ def _score_distribution_figure(y_true: np.ndarray, scores: np.ndarray) -> Figure
             ax.hist(s, bins=bins, density=True, histtype="step", linewidth=1.5, color=LABEL_COLORS[label],
                     label=f"{label} {LABEL_TEXT[label]} (n={len(s)})")
     ax.set(xlim=(0, 1), xlabel="score = (3·P(E) + 2·P(S) + P(C)) / 3", ylabel="density",
-           title="score by true label")
+           title=f"score by true label ({which})")
     ax.legend(fontsize=7)
     return fig
 
 
-def _roc_figure(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray) -> Figure:
+def _roc_figure(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray, which: str = "raw logits") -> Figure:
     fig = Figure(figsize=PANEL, layout="constrained")
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="lightgray", linewidth=1, label="chance")
@@ -141,7 +141,7 @@ def _roc_figure(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray) -> Fi
             continue
         fpr, tpr = roc_points(positive, score)
         ax.plot(fpr, tpr, color=color, linewidth=1.5, label=f"{name} (AUC {auc:.3f})")
-    title = "ROC"
+    title = f"ROC ({which})"
     if skipped:
         title += f"\nskipped, one class absent: {', '.join(skipped)}"
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate")
@@ -155,7 +155,7 @@ def _reliability_figure(y_true: np.ndarray, probs: np.ndarray, calibrated_probs:
     ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
     ax.plot([0, 1], [0, 1], linestyle="--", color="lightgray", linewidth=1, label="perfect calibration")
     edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
-    series = [("model", probs, "tab:blue")]
+    series = [("raw logits", probs, "tab:blue")]
     if calibrated_probs is not None:
         series.append(("after temperature", calibrated_probs, "tab:red"))
     eces = []
@@ -181,11 +181,13 @@ def _check_eval_inputs(y_true: np.ndarray, probs: np.ndarray, what: str = "probs
 
 
 def plot_eval(y_true: np.ndarray, probs: np.ndarray, out_dir: str, prefix: str = "eval_",
-              calibrated_probs: np.ndarray | None = None) -> list[str]:
+              calibrated_probs: np.ndarray | None = None, use_calibrated: bool = False) -> list[str]:
     """Write four PNGs into ``out_dir`` and return their paths; ``[]`` (nothing written) when N = 0.
 
-    ``y_true: [N]`` ints 0..3; ``probs`` and optional ``calibrated_probs``: ``[N, 4]`` in ``LABELS`` order.
-    Files: ``{prefix}confusion_matrix.png``, ``{prefix}score_distribution.png``,
+    ``y_true: [N]`` ints 0..3; ``probs`` (the raw logits' softmax) and optional ``calibrated_probs`` (after the
+    temperature): ``[N, 4]`` in ``LABELS`` order. ``use_calibrated``: the confusion matrix, score histogram and
+    ROC show ``calibrated_probs``, as the report does when it applies the temperature; each title says which.
+    The reliability diagram shows both. Files: ``{prefix}confusion_matrix.png``, ``{prefix}score_distribution.png``,
     ``{prefix}roc.png``, ``{prefix}reliability.png``.
     """
     y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
@@ -196,12 +198,14 @@ def plot_eval(y_true: np.ndarray, probs: np.ndarray, out_dir: str, prefix: str =
     if calibrated_probs is not None:
         calibrated_probs = np.asarray(calibrated_probs, dtype=np.float64)
         _check_eval_inputs(y_true, calibrated_probs, "calibrated_probs")
-    scores = scores_from_probs(probs)
+    shown = calibrated_probs if use_calibrated and calibrated_probs is not None else probs
+    which = "temperature applied" if shown is calibrated_probs else "raw logits"  # the report's probabilities
+    scores = scores_from_probs(shown)
     os.makedirs(out_dir, exist_ok=True)
     figures = {
-        "confusion_matrix": _confusion_figure(y_true, probs.argmax(axis=1)),
-        "score_distribution": _score_distribution_figure(y_true, scores),
-        "roc": _roc_figure(y_true, probs, scores),
+        "confusion_matrix": _confusion_figure(y_true, shown.argmax(axis=1)),
+        "score_distribution": _score_distribution_figure(y_true, scores, which),
+        "roc": _roc_figure(y_true, shown, scores, which),
         "reliability": _reliability_figure(y_true, probs, calibrated_probs),
     }
     return [_save(fig, os.path.join(out_dir, f"{prefix}{name}.png")) for name, fig in figures.items()]

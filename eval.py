@@ -93,9 +93,9 @@ def make_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------
 def check_outputs(args, metrics_path: str) -> None:
     """Before the model loads: every output can be written (ESCIDataError naming the flag otherwise)."""
-    check_output_file(metrics_path, "--metrics_path")
     check_outputs_apart({"--metrics_path": metrics_path, "--save_scores_path": args.save_scores_path},
                         {"--eval_file": args.eval_file, "--base_model": args.base_model, "--lora_model": args.lora_model})
+    check_output_file(metrics_path, "--metrics_path")  # after: its write probe must not touch an input folder
     if args.save_scores_path:
         if not args.save_scores_path.endswith(SCORE_FORMATS):
             raise ESCIDataError(f"--save_scores_path {args.save_scores_path}: must end in .parquet or .csv")

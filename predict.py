@@ -37,6 +37,7 @@ softmax; --no_temperature scores the raw logits. Several GPUs: torchrun --nproc_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -55,12 +56,14 @@ from tiny_reranker.cli import (
     check_output_file,
     check_outputs_apart,
     cli_error,
+    dtype_flag,
     positive_int,
     reranker_from_args,
     save_or_fallback,
     set_up_logging,
 )
 from tiny_reranker.model_files import check_model_paths
+from tiny_reranker.modeling import resolve_dtype
 from tiny_reranker.pairs import (
     check_no_clash,
     extension,
@@ -68,6 +71,8 @@ from tiny_reranker.pairs import (
     iter_jsonl_chunks,
     iter_table_chunks,
     jsonl_lines,
+    record_columns,
+    unwritable_parquet_field,
     with_predictions,
     write_output,
 )
@@ -121,18 +126,20 @@ def _jsonl_file_chunks(path: str, chunk_size: int):
         yield from iter_jsonl_chunks(f, path, chunk_size)
 
 
-def scan_input(args, stdin_lines: list[str] | None) -> tuple[int, int]:
+def scan_input(args, stdin_lines: list[str] | None) -> tuple[int, int, list[str] | None]:
     """Read the whole input once, chunk by chunk, checking everything that can be wrong with it before the model
     loads: bad rows or lines, columns we would overwrite, and records that do not fit --output's format.
-    Returns ``(pairs, chunks)``."""
+    Returns ``(pairs, chunks, columns)``; ``columns``: for JSON records written as a table, the output's columns
+    in order (every chunk is written with them, so chunks line up), else None."""
     source = "<stdin>" if args.input == "-" else args.input
     pairs = chunks = 0
-    schemas = []
+    schemas, columns = [], {}
     for chunk in input_chunks(args, stdin_lines):
         df, records = (chunk, None) if isinstance(chunk, pd.DataFrame) else (None, chunk)
         check_no_clash(df, records, args.column_prefix, source)
         if records is not None:
             schemas += check_output_fits(args, records)
+            record_columns(records, args.column_prefix, columns)
         pairs += len(flat_pairs(df, records)[0])
         chunks += 1
     if len(schemas) > 1:  # chunks must also fit one parquet schema together
@@ -141,16 +148,17 @@ def scan_input(args, stdin_lines: list[str] | None) -> tuple[int, int]:
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise ESCIDataError(f"--output {args.output}: the input's JSON fields do not fit parquet columns "
                                 f"({str(exc).splitlines()[0]}); write .jsonl or .csv instead") from None
-    return pairs, chunks
+    table_output = args.output is not None and not args.output.lower().endswith(".jsonl")
+    return pairs, chunks, (list(columns) if table_output and columns else None)
 
 
 def check_output_path(args) -> None:
     """``--output`` has a known format and can be written (its folder may not exist yet)."""
     if args.output is not None:
         extension(args.output, "--output")
-        check_output_file(args.output, "--output")
         check_outputs_apart({"--output": args.output}, {"--input": None if args.input == "-" else args.input,
                                                         "--base_model": args.base_model, "--lora_model": args.lora_model})
+        check_output_file(args.output, "--output")  # after: its write probe must not touch an input folder
     elif args.resume:
         raise ESCIDataError("--resume needs --output: a run to stdout leaves no partial output to continue")
 
@@ -165,20 +173,30 @@ def check_output_fits(args, records: list[dict]) -> list:
                             "write them as .jsonl or to stdout")
     if ext == ".parquet" and records:  # found now, not after scoring: a field whose values mix types
         try:
-            return [pa.Table.from_pandas(pd.DataFrame(records), preserve_index=False).schema]
+            schema = pa.Table.from_pandas(pd.DataFrame(records), preserve_index=False).schema
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise ESCIDataError(f"--output {args.output}: the input's JSON fields do not fit parquet columns "
                                 f"({str(exc).splitlines()[0]}); write .jsonl or .csv instead") from None
+        if (field := unwritable_parquet_field(schema)):
+            raise ESCIDataError(f"--output {args.output}: the JSON field {field!r} holds an empty object, which "
+                                "parquet cannot store; write .jsonl or .csv instead")
+        return [schema]
     return []
 
 
-def run_identity(args) -> dict:
-    """What a partial output must share with the command that resumes it: the input, the model files, and the
-    flags that change the numbers or the rows (not --batch_size or --max_batch_tokens: an OOM may need others)."""
-    return {"input": file_identity(args.input), "base_model": folder_identity(args.base_model),
-            "lora_model": folder_identity(args.lora_model),
-            "flags": {k: getattr(args, k) for k in ("max_length", "dtype", "bf16", "no_temperature", "no_flash_attn",
-                                                     "top_k", "column_prefix", "chunk_size")}}
+def run_identity(args, stdin_lines: list[str] | None = None) -> dict:
+    """What a partial output must share with the command that resumes it: the input (stdin: a hash of what was
+    piped), the model files, and the flags that change the numbers or the rows (not --batch_size or
+    --max_batch_tokens: an OOM may need others)."""
+    if args.input == "-":
+        source = {"stdin_sha256": hashlib.sha256("".join(stdin_lines or []).encode("utf-8", "surrogatepass")).hexdigest()}
+    else:
+        source = file_identity(args.input)
+    flags = {k: getattr(args, k) for k in ("max_length", "no_temperature", "no_flash_attn", "top_k", "column_prefix",
+                                            "chunk_size")}
+    flags["dtype"] = str(resolve_dtype(dtype_flag(args)))  # --bf16 and --dtype bf16 (and auto, here) alike
+    return {"input": source, "base_model": folder_identity(args.base_model),
+            "lora_model": folder_identity(args.lora_model), "flags": flags}
 
 
 def finish_output(tmp: str, partial: PartialOutput) -> None:
@@ -204,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.input == "-" and shard.world_size > 1:
             raise ESCIDataError("--input -: torchrun processes cannot share stdin; write the pairs to a file")
         stdin_lines = sys.stdin.readlines() if args.input == "-" else None  # a pipe can be read only once
-        n_pairs, n_chunks = scan_input(args, stdin_lines)
+        n_pairs, n_chunks, columns = scan_input(args, stdin_lines)
         partial = None
         if args.output is not None:
-            partial = PartialOutput(args.output, run_identity(args))
+            partial = PartialOutput(args.output, run_identity(args, stdin_lines))
             if shard.is_main:  # one rank decides; every rank then refuses or skips alike, so none is left waiting
                 try:
                     done = partial.open(args.resume)
@@ -262,8 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
             sys.stdout.flush()
         else:
-            partial.add(index, lambda tmp, df=df, records=records, first=index == 0:
-                        write_output(tmp, ext, df, records, header=first))
+            try:
+                partial.add(index, lambda tmp, df=df, records=records, first=index == 0:
+                            write_output(tmp, ext, df, records, header=first, columns=columns))
+            except OSError as exc:  # a full disk mid-run: the complete chunks stay, and --resume goes on from them
+                progress.close()
+                return cli_error(f"--output {args.output}: writing chunk {index} into {partial.folder} failed "
+                                 f"({exc.strerror or exc}); its {partial.done} complete chunk(s) are kept there. Free "
+                                 "space, then run the same command with --resume")
     progress.close()
     if not shard.is_main:
         return 0

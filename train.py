@@ -216,12 +216,12 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def prepare_run(args: argparse.Namespace, is_main: bool, run_config: dict) -> str | None:
     """Check --output_dir, find the checkpoint to resume (same model, data and best-checkpoint flags only; see
     ``checkpoints.check_resume_matches``) and clear or keep old runs. ``run_config``: the flags and world size."""
-    check_output_dir(args.output_dir, "--output_dir")
     if os.path.isdir(os.path.expanduser(args.base_model)):
         if (relation := folder_relation(args.output_dir, args.base_model)):
             raise ESCIDataError(f"--output_dir {args.output_dir} {relation} the --base_model folder {args.base_model}; "
                                 "training writes its adapter, checkpoints and model card there, and the base would "
                                 "then read as an adapter folder. Choose a separate --output_dir")
+    check_output_dir(args.output_dir, "--output_dir")  # after: its write probe must not touch the base folder
     resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume:
         check_resume_matches(resume, run_config)

@@ -129,3 +129,75 @@ def test_resume_refuses_another_input_or_model_and_needs_a_partial_output(model_
     assert "written for another input" in capsys.readouterr().err
     assert predict_cli.main([*argv, "--resume", "--max_length", "256"]) == 2
     assert "written for another flags, input than" in capsys.readouterr().err
+
+
+VARYING = ('{"query": "a", "item_text": "b", "x": 1}\n{"query": "c", "item_text": "d", "y": 2}\n'
+           '{"item_text": "f", "query": "e"}\n')
+
+
+@pytest.mark.parametrize("out", ["o.csv", "o.parquet"])
+def test_json_lines_whose_fields_vary_line_up_across_chunks(model_args, tmp_path, out):
+    """Fields that differ, or come in another order, between chunks: each chunk is written with the whole output's
+    columns, so a chunked table equals a one-chunk one (it shifted columns in CSV, and crashed the parquet join)."""
+    (tmp_path / "in.jsonl").write_text(VARYING)
+    argv = [*model_args, "--input", str(tmp_path / "in.jsonl")]
+    assert predict_cli.main([*argv, "--output", str(tmp_path / "one" / out)]) == 0
+    assert predict_cli.main([*argv, "--output", str(tmp_path / "chunked" / out), "--chunk_size", "1"]) == 0
+    one, chunked = _read(tmp_path / "one" / out), _read(tmp_path / "chunked" / out)
+    assert chunked["query"].tolist() == ["a", "c", "e"] and chunked["item_text"].tolist() == ["b", "d", "f"]
+    pd.testing.assert_frame_equal(chunked.drop(columns=[*PROB_COLUMNS, "score"]), one.drop(columns=[*PROB_COLUMNS, "score"]))
+
+
+def test_stdin_into_a_file_and_its_resume(model_args, tmp_path, monkeypatch, capsys):
+    import io
+
+    out = str(tmp_path / "o.jsonl")
+    monkeypatch.setattr("sys.stdin", io.StringIO(VARYING))
+    assert predict_cli.main([*model_args, "--input", "-", "--output", out]) == 0  # it crashed on os.stat("-")
+    assert [json.loads(line)["query"] for line in open(out)] == ["a", "c", "e"]
+
+
+def test_partial_output_problems_are_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    (tmp_path / "base").mkdir()
+    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda *a, **k: pytest.fail("the model loaded first"))
+    base = ["--base_model", str(tmp_path / "base")]
+    (tmp_path / "empty_object.jsonl").write_text('{"query": "a", "item_text": "b", "x": {}}\n')
+    assert predict_cli.main([*base, "--input", str(tmp_path / "empty_object.jsonl"), "--output",
+                             str(tmp_path / "e.parquet")]) == 2
+    assert "'x' holds an empty object" in capsys.readouterr().err
+    (tmp_path / "in.csv").write_text("query,item_text\nq1,i1\nq2,i2\n,i3\nq4,   \n")
+    assert predict_cli.main([*base, "--input", str(tmp_path / "in.csv"), "--chunk_size", "1"]) == 2
+    err = capsys.readouterr().err  # every chunk's bad rows, not only the first chunk's
+    assert "row 2: null" in err and "row 3: '   '" in err
+    (tmp_path / "ok.jsonl").write_text('{"query": "a", "item_text": "b"}\n')
+    (tmp_path / "f.jsonl.partial").write_text("a file")
+    assert predict_cli.main([*base, "--input", str(tmp_path / "ok.jsonl"), "--output", str(tmp_path / "f.jsonl")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    (tmp_path / "g.jsonl.partial").mkdir()
+    (tmp_path / "g.jsonl.partial" / STATE_NAME).write_text('{"identity": [], "chunks_done": "two"}')
+    assert predict_cli.main([*base, "--input", str(tmp_path / "ok.jsonl"), "--output", str(tmp_path / "g.jsonl"),
+                             "--resume"]) == 2
+    assert "is damaged" in capsys.readouterr().err
+
+
+def test_a_full_disk_mid_run_keeps_the_complete_chunks_and_says_resume(model_args, pairs, tmp_path, monkeypatch,
+                                                                         capsys):
+    import errno
+
+    real, calls = predict_cli.write_output, []
+
+    def full_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_cli, "write_output", full_on_the_third)
+    out = str(tmp_path / "o.csv")
+    argv = [*model_args, "--input", str(pairs / "in.csv"), "--output", out, "--chunk_size", "5"]
+    assert predict_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "writing chunk 2" in err and "No space left" in err and "2 complete chunk(s) are kept" in err
+    assert "--resume" in err
+    monkeypatch.setattr(predict_cli, "write_output", real)
+    assert predict_cli.main([*argv, "--resume"]) == 0 and len(pd.read_csv(out)) == len(pd.read_csv(pairs / "in.csv"))

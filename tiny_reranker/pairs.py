@@ -72,17 +72,25 @@ def iter_table_chunks(path: str, chunk_size: int) -> Iterator[pd.DataFrame]:
         columns = [name for name in parquet.schema_arrow.names if name not in index_columns]
         empty = parquet.schema_arrow.empty_table().select(columns).to_pandas()
         chunks = (batch.to_pandas() for batch in parquet.iter_batches(batch_size=chunk_size, columns=columns))
-    start, any_rows = 0, False
+    start, any_rows, problems = 0, False, []
     try:
         for chunk in chunks:
             chunk.index = pd.RangeIndex(start, start + len(chunk))
             start += len(chunk)
             any_rows = True
-            yield validate_pairs(chunk, path)
+            try:
+                yield validate_pairs(chunk, path)
+            except ESCIDataError as exc:  # go on: one pass names the bad rows of every chunk
+                if "missing required column" in str(exc):
+                    raise
+                problems.append(str(exc))
     except ESCIDataError:
         raise
     except Exception as exc:  # a file damaged past its header
         raise ESCIDataError(f"{path}: unreadable near row {start} ({type(exc).__name__}: {exc})") from None
+    if problems:
+        more = f" (and {len(problems) - _SHOW} more chunks with bad rows)" if len(problems) > _SHOW else ""
+        raise ESCIDataError("; ".join(problems[:_SHOW]) + more)
     if not any_rows:
         yield validate_pairs(pd.read_csv(path, dtype=str, nrows=0) if path.lower().endswith(".csv") else empty, path)
 
@@ -261,15 +269,46 @@ def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
         yield dumps_strict(rec, ensure_ascii=False) + "\n"
 
 
-def write_output(path: str, ext: str, df: pd.DataFrame | None, records: list[dict] | None, header: bool = True) -> None:
+def write_output(path: str, ext: str, df: pd.DataFrame | None, records: list[dict] | None, header: bool = True,
+                 columns: list[str] | None = None) -> None:
     """Write a scored table (``df``) or scored JSON records to ``path`` in the format of ``ext`` (``path`` is the
-    temp file of an atomic write). ``header``: a CSV's header line (not for the chunks after the first)."""
+    temp file of an atomic write). ``header``: a CSV's header line (not for the chunks after the first).
+    ``columns``: for records, the columns of the whole output in order (:func:`record_columns` over every chunk),
+    so that chunks written apart line up; a field a chunk lacks is empty there."""
     if ext == ".jsonl":
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
         return
     table = df if df is not None else pd.DataFrame(records)
+    if df is None and columns is not None:
+        table = pd.DataFrame({c: table[c] if c in table else pd.Series([None] * len(table), dtype=object)
+                              for c in columns})
     if ext == ".parquet":
         table.to_parquet(path, index=False)
     else:
         table.to_csv(path, index=False, header=header)
+
+
+def record_columns(records: Iterable[dict], prefix: str, seen: dict | None = None) -> dict:
+    """The table columns scored records make, in the order pandas would give one frame of all of them (first
+    seen first): each record's fields, then the prediction columns. ``seen``: the dict to extend (chunk by
+    chunk); its keys are the columns."""
+    seen = {} if seen is None else seen
+    for record in records:
+        for name in [*record, *added_names(prefix, "items" in record)]:
+            seen.setdefault(name, None)
+    return seen
+
+
+def unwritable_parquet_field(schema) -> str | None:
+    """The first field parquet cannot store (a struct with no fields, from an empty JSON object), or None."""
+    import pyarrow as pa
+
+    def bad(kind) -> bool:
+        if pa.types.is_struct(kind):
+            return kind.num_fields == 0 or any(bad(kind.field(i).type) for i in range(kind.num_fields))
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            return bad(kind.value_type)
+        return False
+
+    return next((field.name for field in schema if bad(field.type)), None)

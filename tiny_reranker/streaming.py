@@ -65,6 +65,9 @@ class PartialOutput:
                 raise ESCIDataError(f"--resume: there is no partial output {self.folder} to continue; run without "
                                     "--resume to start")
             return 0  # the folder appears with the first complete chunk: a run refused before it writes nothing
+        if not os.path.isdir(self.folder):
+            raise ESCIDataError(f"--output {self.output}: {self.folder} exists and is not a folder; predict.py keeps its "
+                                "partial output under that name: move the file away, or choose another --output")
         if not resume:
             raise ESCIDataError(f"--output {self.output}: {self.folder} holds the partial output of an interrupted run. "
                                 f"Continue it with the same command and --resume, or delete {self.folder} to start over")
@@ -72,13 +75,19 @@ class PartialOutput:
             raise ESCIDataError(f"--resume: {self.folder} has no {STATE_NAME}, so it is not a partial output of "
                                 "predict.py; move it away, or choose another --output")
         state = read_json_object(state_path)
-        saved = state.get("identity", {})
+        saved, done = state.get("identity"), state.get("chunks_done")
+        if not isinstance(saved, dict) or isinstance(done, bool) or not isinstance(done, int) or done < 0:
+            raise ESCIDataError(f"--resume: {state_path} is damaged, so {self.folder} is not a partial output this "
+                                f"run can continue; delete {self.folder} to start over")
         differ = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
         if differ:
+            flags = saved.get("flags") if isinstance(saved.get("flags"), dict) else {}
+            detail = [f"--{k} {flags.get(k)!r} (partial output) vs {v!r} (now)"
+                      for k, v in self.identity.get("flags", {}).items() if flags.get(k) != v]
             raise ESCIDataError(f"--resume: {self.folder} was written for another {', '.join(differ)} than this "
-                                f"command's; resume with the interrupted command's input, model and flags, or delete "
-                                f"{self.folder} to start over")
-        self.done = int(state.get("chunks_done", 0))
+                                f"command's{' (' + '; '.join(detail) + ')' if detail else ''}; resume with the "
+                                f"interrupted command's input, model and flags, or delete {self.folder} to start over")
+        self.done = done
         missing = [i for i in range(self.done) if not os.path.isfile(self.chunk_path(i))]
         if missing:
             raise ESCIDataError(f"--resume: {self.folder} lacks chunk {missing[0]} of the {self.done} it records as "

@@ -74,8 +74,7 @@ def make_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------
 def merged_causal_lm(base_model: str, lora_model: str):
     """LoRA merged into float32 base weights, real lm_head restored. Returns ``(model, tokenizer, label_ids)``."""
-    model, tokenizer = load_reranker(base_model, lora_model, torch.float32, no_flash_attn=True, device="cpu")
-    model = model.merge_and_unload()
+    model, tokenizer = load_reranker(base_model, lora_model, torch.float32, no_flash_attn=True, device="cpu")  # merged
     label_ids = model.get_output_embeddings().label_ids.tolist()
     detach_label_head(model)
     model.config.pad_token_id = tokenizer.pad_token_id

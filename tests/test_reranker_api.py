@@ -152,3 +152,22 @@ def test_missing_folders_raise_a_clear_error(tiny_model_dir, tmp_path):
         Reranker.from_pretrained(tiny_model_dir, str(tmp_path))
     with pytest.raises(ESCIDataError, match="base_model .*folder not found"):
         Reranker.from_pretrained(os.path.join(str(tmp_path), "absent", "model"))
+
+
+def test_loaded_adapter_is_merged_and_scores_as_the_unmerged_peft_model(tiny_model_dir, adapter_dir, pairs_df):
+    """load_reranker merges the LoRA (in fp32) for speed; the probabilities must stay the unmerged adapter's."""
+    import torch
+    from peft import PeftModel
+
+    from esci_dataset import PromptEncoder, label_token_ids
+    from tiny_reranker.modeling import attach_label_head, load_base_model, load_reranker, load_tokenizer
+
+    merged, tokenizer = load_reranker(tiny_model_dir, adapter_dir, torch.float32, device="cpu")
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    reference = PeftModel.from_pretrained(load_base_model(tiny_model_dir), adapter_dir).eval()
+    attach_label_head(reference.get_base_model(), label_token_ids(load_tokenizer(adapter_dir)))
+    ids = PromptEncoder(tokenizer, MAX_LENGTH).encode_batch(pairs_df["query"].tolist()[:16], pairs_df["item_text"].tolist()[:16])
+    ours = score_token_ids(merged, ids, tokenizer.pad_token_id, batch_size=BATCH)
+    theirs = score_token_ids(reference, ids, tokenizer.pad_token_id, batch_size=BATCH)
+    assert np.abs(ours - theirs).max() < 1e-5 and (ours.argmax(1) == theirs.argmax(1)).all()
+    assert np.abs(theirs - theirs.mean(0)).max() > 1e-3  # the adapter changes scores per pair: the check can fail

@@ -192,6 +192,10 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
                   no_flash_attn: bool = False, device: torch.device | str | None = None, tokenizer=None):
     """Base model (+ LoRA adapter) with the 4-row label head, in eval mode. Returns ``(model, tokenizer)``.
 
+    A LoRA adapter is merged into the weights, in float32, before the cast to ``dtype``, as export.py merges:
+    inference then runs the plain model (an unmerged adapter adds two matmuls per target module, which cost
+    4x the whole forward on the tiny test model), and ``dtype`` rounds the same merged weights an export holds.
+
     The tokenizer (``tokenizer``, else loaded) comes from the adapter folder when it holds one (it is the
     one training used), else from the base model. A ``reranker_config.json``
     (next to the adapter, or in a merged export) is checked for prompt drift.
@@ -199,7 +203,7 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
     base_model = os.path.expanduser(base_model)
     lora_model = os.path.expanduser(lora_model) if lora_model else None
     tokenizer = tokenizer or reranker_tokenizer(base_model, lora_model)
-    model = load_base_model(base_model, dtype=dtype, no_flash_attn=no_flash_attn)
+    model = load_base_model(base_model, dtype=torch.float32 if lora_model else dtype, no_flash_attn=no_flash_attn)
     if lora_model:
         from peft import PeftModel
 
@@ -215,8 +219,10 @@ def load_reranker(base_model: str, lora_model: str | None = None, dtype: torch.d
                 f"--lora_model {lora_model}: {len(broken)} adapter tensor(s) hold NaN or inf (first: {broken[0]}), "
                 f"so every pair would score NaN. It was probably saved after training diverged: use an earlier "
                 f"checkpoint-* folder, or train again with a lower --learning_rate.")
+        model = model.merge_and_unload().to(dtype)
+        model.set_attn_implementation(pick_attn_implementation(no_flash_attn, dtype))  # loaded as fp32: sdpa
     elif os.path.isfile(os.path.join(base_model, LABEL_CONFIG_NAME)):
         check_reranker_config(base_model, tokenizer)  # a merged export (export.py --format merged)
-    attach_label_head(model.get_base_model() if lora_model else model, label_token_ids(tokenizer))
+    attach_label_head(model, label_token_ids(tokenizer))
     model.to(device or default_device()).eval()
     return model, tokenizer

@@ -48,13 +48,11 @@ from tqdm.auto import tqdm
 
 from esci_dataset import LABELS, ESCIDataError, PromptEncoder, require_columns
 from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, set_up_logging
+from tiny_reranker.esci_release import EXAMPLES_FILE, PRODUCTS_FILE, SOURCES_FILE
 from tiny_reranker.io import atomic_write, write_json
 
 logger = logging.getLogger("prepare_esci")
 
-EXAMPLES_FILE = "shopping_queries_dataset_examples.parquet"
-PRODUCTS_FILE = "shopping_queries_dataset_products.parquet"
-SOURCES_FILE = "shopping_queries_dataset_sources.csv"
 OUTPUT_FILES = {"train": "esci_multiclass_train.parquet", "test": "esci_multiclass_test.parquet"}
 SUMMARY_FILE = "esci_prepare_summary.json"
 SHORT_ITEM_CHARS = 100  # below this --max_item_chars cuts most titles: warned, not refused

@@ -18,6 +18,7 @@ import torch
 
 from tiny_reranker.batching import collate_left_padded, length_sorted_batches
 from tiny_reranker.demo_model import build_tiny_model, qwen3_tokenizer_dir
+from tiny_reranker.esci_release import WORDS
 from tiny_reranker.model_files import check_model_paths
 from tiny_reranker.modeling import load_base_model, load_tokenizer, pick_attn_implementation
 
@@ -26,11 +27,6 @@ ESCI_TOKEN_QUANTILES = [(0.0, 8), (0.05, 19), (0.25, 91), (0.50, 170), (0.75, 26
 QWEN3_06B_SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
                        max_position_embeddings=40960)
-WORDS = ("wireless bluetooth headphones noise cancelling over ear battery charging case black white silver "
-         "stainless steel kitchen knife set with block premium quality durable lightweight portable compact "
-         "outdoor camping tent waterproof family size easy setup cotton shirt men women kids size small medium "
-         "large pack of replacement filter compatible model water bottle insulated keeps drinks cold hours "
-         "gaming mouse ergonomic design adjustable programmable buttons light led office home gift ideal").split()
 
 
 # ---------------------------------------------------------------------------
@@ -204,19 +200,30 @@ def catalog_pairs(n: int, seed: int = 0):
     return pd.DataFrame({"query": queries, "item_text": items})
 
 
-def predict_peak_rss(script: str, argv: list[str]) -> tuple[int, float]:
-    """(peak resident memory in bytes, seconds) of ``python script argv...`` run in a fresh process."""
+def measure_script(script: str, argv: list[str], env: dict | None = None) -> dict:
+    """Run ``python script argv...`` in a fresh process and return its cost: ``peak_bytes`` (resident memory of
+    the script's own process), ``worker_peak_bytes`` (the largest child it waited for, e.g. a tokenizing worker),
+    ``seconds`` (wall) and ``cpu_seconds`` (user + system, itself and its children), and its ``stderr``."""
     import subprocess
     import sys
 
     code = ("import os, resource, runpy, sys, time; sys.argv = [sys.argv[1], *sys.argv[2:]]; start = time.time(); "
             "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))\n"
             "rc = 0\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.time() - start, rc, "
-            "file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code, script, *argv], capture_output=True, text=True)
+            "me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "print('PEAK', me.ru_maxrss * 1024, kids.ru_maxrss * 1024, time.time() - start, "
+            "me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, rc, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, script, *argv], capture_output=True, text=True, check=False,
+                          env=env)
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("PEAK ")]
-    if not line or line[-1].split()[3] != "0":
+    if not line or line[-1].split()[5] != "0":
         raise RuntimeError(f"{script} failed:\n{proc.stderr[-2000:]}")
-    _, peak, seconds, _ = line[-1].split()
-    return int(peak), float(seconds)
+    _, peak, workers, seconds, cpu, _ = line[-1].split()
+    return {"peak_bytes": int(peak), "worker_peak_bytes": int(workers), "seconds": float(seconds),
+            "cpu_seconds": float(cpu), "stderr": proc.stderr}
+
+
+def predict_peak_rss(script: str, argv: list[str]) -> tuple[int, float]:
+    """(peak resident memory in bytes, seconds) of ``python script argv...`` run in a fresh process."""
+    cost = measure_script(script, argv)
+    return cost["peak_bytes"], cost["seconds"]

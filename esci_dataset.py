@@ -42,9 +42,14 @@ from torch.utils.data import Dataset
 LABELS = ("E", "S", "C", "I")  # this order everywhere: logits, probs, reports
 LABEL_TEXT = {"E": "exact", "S": "substitute", "C": "complement", "I": "irrelevant"}
 LABEL_TO_ID = {label: i for i, label in enumerate(LABELS)}
-# Weights of the ranking score (3·P(E) + 2·P(S) + 1·P(C)) / 3 (tiny_reranker.scoring.scores_from_probs); not the nDCG gains
-# (metrics.NDCG_GAINS: 1 / 0.1 / 0.01 / 0), which grade relevance for evaluation.
+# Weights of the ranking score (3·P(E) + 2·P(S) + 1·P(C)) / 3 (tiny_reranker.scoring.scores_from_probs): the
+# default ranking, the expected gain under linear grades 3/2/1/0.
 SCORE_WEIGHTS = {"E": 3.0, "S": 2.0, "C": 1.0, "I": 0.0}
+# ESCI's nDCG gains (Amazon's Shopping Queries paper): exact 1.0, substitute 0.1, complement 0.01. They grade
+# relevance for evaluation, and P(E) + 0.1·P(S) + 0.01·P(C) (scoring.expected_gains) is the ranking that
+# maximises the expected nDCG under them when the probabilities are calibrated.
+NDCG_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
+RANK_BY = ("score", "expected_gain")  # what items can be ranked by; "score" is the default
 
 # Bump whenever the default prompt text or a label-word rule changes. Adapters store the
 # template they were trained with (reranker_config.json), so a new default never breaks them.

@@ -12,7 +12,8 @@ or JSON lines on stdin ("-"). A JSON line is a pair {"query", "item_text"} or a 
 extension (.parquet/.csv/.jsonl); without --output, JSON lines go to stdout. A pair line
 gets the prediction fields added; a request line is answered by ONE line: the request
 without "items", plus "results", its items ranked by score, each {index, item, p_*, score,
-pred_label}, cut to --top_k. Requests can only be written as JSON lines.
+pred_label}, cut to --top_k. Requests can only be written as JSON lines. --rank_by expected_gain
+ranks by p_E + 0.1·p_S + 0.01·p_C instead (ESCI's nDCG gains) and adds that column / field.
 
 Input columns are never overwritten: if one is named like an output (p_E ... pred_label, or
 results for a request), predict refuses and asks for --column_prefix, which writes ours as
@@ -47,7 +48,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from esci_dataset import ESCIDataError
+from esci_dataset import RANK_BY, ESCIDataError
 from tiny_reranker import distributed
 from tiny_reranker.cli import (
     ArgumentParser,
@@ -92,6 +93,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="output file, format by extension (.parquet/.csv/.jsonl); its folder is created if needed. "
                         "Without it: JSON lines on stdout")
     g.add_argument("--top_k", type=int, default=None, help="for {query, items} requests: keep only the best K ranked items (without it: all)")
+    g.add_argument("--rank_by", choices=RANK_BY, default="score",
+                   help="what requests' items are ranked by: score = (3·p_E + 2·p_S + p_C) / 3, or expected_gain = "
+                        "p_E + 0.1·p_S + 0.01·p_C (ESCI's nDCG gains; also added as a column). README: which to use "
+                        "(default: %(default)s)")
     g.add_argument("--chunk_size", type=positive_int, default=DEFAULT_CHUNK_SIZE,
                    help="pairs read, scored and written at a time (a request's items stay together): memory is "
                         "bounded by one chunk. With --output, complete chunks go to OUTPUT.partial/ until the run "
@@ -136,10 +141,10 @@ def scan_input(args, stdin_lines: list[str] | None) -> tuple[int, int, list[str]
     schemas, columns = [], {}
     for chunk in input_chunks(args, stdin_lines):
         df, records = (chunk, None) if isinstance(chunk, pd.DataFrame) else (None, chunk)
-        check_no_clash(df, records, args.column_prefix, source)
+        check_no_clash(df, records, args.column_prefix, source, args.rank_by)
         if records is not None:
             schemas += check_output_fits(args, records)
-            record_columns(records, args.column_prefix, columns)
+            record_columns(records, args.column_prefix, columns, args.rank_by)
         pairs += len(flat_pairs(df, records)[0])
         chunks += 1
     if len(schemas) > 1:  # chunks must also fit one parquet schema together
@@ -193,7 +198,7 @@ def run_identity(args, stdin_lines: list[str] | None = None) -> dict:
     else:
         source = file_identity(args.input)
     flags = {k: getattr(args, k) for k in ("max_length", "no_temperature", "no_flash_attn", "top_k", "column_prefix",
-                                            "chunk_size")}
+                                            "chunk_size", "rank_by")}
     flags["dtype"] = str(resolve_dtype(dtype_flag(args)))  # --bf16 and --dtype bf16 (and auto, here) alike
     return {"input": source, "base_model": folder_identity(args.base_model),
             "lora_model": folder_identity(args.lora_model), "flags": flags}
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(len(queries))
         if not shard.is_main:
             continue
-        df, records = with_predictions(df, records, probs, args.top_k, args.column_prefix)
+        df, records = with_predictions(df, records, probs, args.top_k, args.column_prefix, args.rank_by)
         if partial is None:  # stdout: each chunk as soon as it is scored
             sys.stdout.writelines(jsonl_lines(records if records is not None else df.to_dict(orient="records")))
             sys.stdout.flush()

@@ -23,6 +23,7 @@ from transformers import set_seed
 from esci_dataset import (
     INSTRUCT,
     LABELS,
+    NDCG_GAINS,
     ESCIDataError,
     PromptEncoder,
     build_template,
@@ -47,7 +48,6 @@ from tiny_reranker.compat import optimizer_names
 from tiny_reranker.contract import save_run_contract
 from tiny_reranker.data_cache import tokenize_split
 from tiny_reranker.io import write_json
-from tiny_reranker.metrics import NDCG_GAINS
 from tiny_reranker.model_files import check_model_paths
 from tiny_reranker.modeling import (
     DEFAULT_LORA_TARGETS,

@@ -134,6 +134,20 @@ def test_every_ndcg_is_printed_beside_its_random_order_baseline(setup, capsys):
     assert report["queries"] == df["query_id"].nunique() >= report["ndcg_queries"]
 
 
+def test_ndcg_ranked_by_expected_gain_is_reported_beside_the_default(setup, capsys):
+    from tiny_reranker.metrics import mean_ndcg
+    from tiny_reranker.scoring import expected_gains
+
+    rc, out, _, report = run(setup, capsys)
+    df = pd.read_parquet(setup.data)
+    groups, y_true = df["query_id"].to_numpy(), df["esci_label"].map(LABEL_TO_ID).to_numpy()
+    gains = expected_gains(probs_from_logits(np.array([r[4] for r in ROWS], dtype=np.float32)))
+    assert rc == 0 and report["ndcg_expected_gain"] == pytest.approx(mean_ndcg(groups, y_true, gains)[0])
+    assert report["ndcg@10_expected_gain"] == pytest.approx(mean_ndcg(groups, y_true, gains, k=10)[0])
+    line = next(ln for ln in out.splitlines() if "ranked by expected gain" in ln)
+    assert f"{report['ndcg_expected_gain']:.4f} (random order {report['ndcg_random']:.4f})" in line
+
+
 def test_an_eval_file_with_several_locales_gets_metrics_per_locale(setup, capsys):
     df = pd.read_parquet(setup.data)
     df["product_locale"] = ["us"] * 8 + ["es"] * 4  # queries 1-2 us, query 3 es

@@ -159,6 +159,7 @@ def test_prompt_file_template_renders_our_prompt(exports):
     assert spec["template"].startswith(spec["prefix"]) and spec["template"].endswith(spec["suffix"])
     assert spec["instruction"] in spec["prefix"]
     assert spec["labels"] == list(LABELS) and spec["score_weights"] == [3.0, 2.0, 1.0, 0.0]
+    assert spec["expected_gain_weights"] == [1.0, 0.1, 0.01, 0.0] and set(spec["rank_by"]) == {"score", "expected_gain"}
 
 
 # ---------------------------------------------------------------------------

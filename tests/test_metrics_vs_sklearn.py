@@ -9,10 +9,9 @@ import pytest
 from scipy.optimize import minimize_scalar
 from sklearn import metrics as skm
 
-from esci_dataset import LABELS
+from esci_dataset import LABELS, NDCG_GAINS
 from tiny_reranker.calibration import fit_temperature, nll
 from tiny_reranker.metrics import (
-    NDCG_GAINS,
     classification_metrics,
     confusion_matrix,
     per_class_report,

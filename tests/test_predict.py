@@ -288,3 +288,25 @@ def test_a_crash_while_writing_leaves_no_partial_output(tmp_path):
 
     atomic_write(str(tmp_path / "new.jsonl"), lambda tmp: open(tmp, "w").close())
     assert sorted(os.listdir(tmp_path)) == ["new.jsonl", "scores.jsonl"]
+
+
+def test_rank_by_expected_gain_reorders_requests_and_adds_the_column(monkeypatch, tmp_path, capsys):
+    """Item 0 is E-or-I (score 0.50, expected gain 0.50), item 1 mostly S (score 0.70, expected gain 0.19)."""
+    (tmp_path / "base").mkdir()
+    probs = [[0.5, 1e-12, 1e-12, 0.5], [0.1, 0.9, 1e-12, 1e-12]]
+    monkeypatch.setattr(predict_cli, "reranker_from_args", lambda args, device=None: FixedReranker(probs))
+    request = json.dumps({"query": "q", "items": ["either", "substitute"]}) + "\n"
+    argv = ["--base_model", str(tmp_path / "base"), "--input", "-"]
+    rc, out, _ = _run(argv, capsys, request, monkeypatch)
+    assert rc == 0 and [r["index"] for r in json.loads(out)["results"]] == [1, 0]  # the default: by score
+    assert "expected_gain" not in json.loads(out)["results"][0]  # the default output is unchanged
+    rc, out, _ = _run([*argv, "--rank_by", "expected_gain"], capsys, request, monkeypatch)
+    results = json.loads(out)["results"]
+    assert rc == 0 and [r["index"] for r in results] == [0, 1]
+    assert [round(r["expected_gain"], 4) for r in results] == [0.5, 0.19]
+    pd.DataFrame({"query": ["q", "q"], "item_text": ["either", "substitute"]}).to_parquet(tmp_path / "in.parquet")
+    rc, _, _ = _run([*argv[:2], "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out.csv"),
+                     "--rank_by", "expected_gain"], capsys)
+    scored = pd.read_csv(tmp_path / "out.csv")
+    assert rc == 0 and list(scored.columns[2:]) == ["p_E", "p_S", "p_C", "p_I", "score", "expected_gain", "pred_label"]
+    np.testing.assert_allclose(scored["expected_gain"], [0.5, 0.19], atol=1e-6)

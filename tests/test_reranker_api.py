@@ -9,7 +9,14 @@ import pytest
 from esci_dataset import LABELS, ESCIDataError, ESCIMultiClassRerankDataset
 from tests.helpers import score_token_ids
 from tiny_reranker.reranker import Reranker
-from tiny_reranker.scoring import PROB_COLUMNS, prediction_columns, rank_results, scores_from_probs
+from tiny_reranker.scoring import (
+    PROB_COLUMNS,
+    expected_gains,
+    prediction_columns,
+    prediction_records,
+    rank_results,
+    scores_from_probs,
+)
 
 MAX_LENGTH = 256  # the demo items fit; the long-text test goes past it on purpose
 BATCH = 4
@@ -89,6 +96,29 @@ def test_rank_sorts_by_score_and_matches_predict(rr, pairs_df, predictions):
 def test_rank_results_ties_keep_input_order():
     preds = [{"score": s} for s in (0.5, 0.9, 0.5, 0.1)]
     assert [r["index"] for r in rank_results(list("abcd"), preds)] == [1, 0, 2, 3]
+
+
+def test_expected_gain_hand_computed_and_it_can_rank_otherwise_than_the_score():
+    either, substitute = [0.5, 0.0, 0.0, 0.5], [0.1, 0.9, 0.0, 0.0]
+    np.testing.assert_allclose(expected_gains(np.array([either, substitute, [0, 0, 1.0, 0]])), [0.5, 0.19, 0.01])
+    np.testing.assert_allclose(scores_from_probs(np.array([either, substitute])), [0.5, 0.7])
+    preds = prediction_records(np.array([either, substitute]), rank_by="expected_gain")
+    assert [r["index"] for r in rank_results(["a", "b"], preds)] == [1, 0]
+    assert [r["index"] for r in rank_results(["a", "b"], preds, rank_by="expected_gain")] == [0, 1]
+    with pytest.raises(ValueError, match="rank_by"):
+        rank_results(["a"], preds[:1], rank_by="gain")
+
+
+def test_rank_by_expected_gain_in_the_api(rr, pairs_df):
+    query, items = pairs_df["query"][0], pairs_df["item_text"][:6].tolist()
+    ranked = rr.rank(query, items, rank_by="expected_gain")
+    gains = [r["expected_gain"] for r in ranked]
+    assert gains == sorted(gains, reverse=True) and sorted(r["index"] for r in ranked) == list(range(6))
+    probs = rr.predict_probs([query] * len(items), items)
+    np.testing.assert_allclose(sorted(gains, reverse=True), sorted(expected_gains(probs), reverse=True), atol=1e-12)
+    assert "expected_gain" in rr.predict([(query, items[0])], rank_by="expected_gain")[0]
+    with pytest.raises(ValueError, match="rank_by"):
+        rr.rank(query, items, rank_by="ndcg")
 
 
 def test_prediction_columns_hand_computed():

@@ -21,6 +21,7 @@ from esci_dataset import (
     DEFAULT_TEMPLATE,
     INSTRUCT,
     LABELS,
+    NDCG_GAINS,
     PROMPT_VERSION,
     SCORE_WEIGHTS,
     TEMPLATES_BY_VERSION,
@@ -212,6 +213,10 @@ def prompt_spec(tokenizer, label_ids: list[int], template: PromptTemplate, instr
         "temperature": temperature,
         "score": "sum(score_weights * p) / 3 = (3*p_E + 2*p_S + 1*p_C + 0*p_I) / 3, p = softmax(outputs / temperature) "
                  "over the 4 outputs",
+        "expected_gain_weights": [NDCG_GAINS[label] for label in LABELS],
+        "rank_by": {"score": "the default ranking: weights S and C high (3:2:1)",
+                    "expected_gain": "sum(expected_gain_weights * p) = p_E + 0.1*p_S + 0.01*p_C: ESCI's nDCG gains; "
+                                     "maximises the expected nDCG when p is calibrated (apply the temperature)"},
         "notes": "prompt = template.format(query=query, document=item_text); the tokenizer adds no special "
                  "tokens. Read the output at the LAST prompt token. Training truncated only the document "
                  "to fit max_length; engines do not, so cut long item texts before sending them.",

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from esci_dataset import LABELS
+from esci_dataset import LABELS, NDCG_GAINS
 from tiny_reranker.calibration import brier_score, calibration_before_after, expected_calibration_error, nll
 
-# ESCI ranking gains for nDCG (Amazon's Shopping Queries paper): exact 1.0, substitute 0.1, complement 0.01.
-NDCG_GAINS = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
 _S = LABELS.index("S")
 
 

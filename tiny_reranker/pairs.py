@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from esci_dataset import ESCIDataError, read_csv_strict, read_table, require_columns, validate_text_column
 from tiny_reranker.io import dumps_strict
-from tiny_reranker.scoring import OUTPUT_COLUMNS, prediction_columns, prediction_records, rank_results
+from tiny_reranker.scoring import prediction_columns, prediction_records, rank_results
 
 TABLE_FORMATS = (".parquet", ".csv", ".jsonl")
 
@@ -226,17 +226,18 @@ def flat_pairs(df: pd.DataFrame | None, records: list[dict] | None) -> tuple[lis
     return queries, items
 
 
-def added_names(prefix: str, request: bool = False) -> list[str]:
+def added_names(prefix: str, request: bool = False, rank_by: str = "score") -> list[str]:
     """The columns/fields predict adds to a table row or pair line, or to a ``{query, items}`` request."""
-    return [prefix + name for name in (["results"] if request else OUTPUT_COLUMNS)]
+    return [prefix + name for name in (["results"] if request else prediction_columns(np.zeros((0, 4)), rank_by))]
 
 
-def check_no_clash(df: pd.DataFrame | None, records: list[dict] | None, prefix: str, source: str) -> None:
+def check_no_clash(df: pd.DataFrame | None, records: list[dict] | None, prefix: str, source: str,
+                   rank_by: str = "score") -> None:
     """Refuse input that already has a column/field we would write: never overwrite user data silently."""
     if df is not None:
-        clash = [name for name in added_names(prefix) if name in df.columns]
+        clash = [name for name in added_names(prefix, rank_by=rank_by) if name in df.columns]
     else:
-        clash = sorted({name for rec in records for name in added_names(prefix, "items" in rec) if name in rec})
+        clash = sorted({name for rec in records for name in added_names(prefix, "items" in rec, rank_by) if name in rec})
     if clash:
         kind = "column(s)" if df is not None else "field(s)"
         raise ESCIDataError(
@@ -246,17 +247,18 @@ def check_no_clash(df: pd.DataFrame | None, records: list[dict] | None, prefix: 
 
 
 def with_predictions(df: pd.DataFrame | None, records: list[dict] | None, probs: np.ndarray, top_k: int | None,
-                     prefix: str = ""):
+                     prefix: str = "", rank_by: str = "score"):
     """Put ``probs`` (in :func:`flat_pairs` order) back: columns on a table; fields or ranked ``results`` on lines.
 
     Every added name starts with ``prefix``; the fields inside ``results`` are ours alone and are not prefixed.
+    ``rank_by``: what requests' items are sorted by (``expected_gain`` also adds that column/field).
     """
     if df is not None:
-        return df.assign(**{prefix + name: values for name, values in prediction_columns(probs).items()}), None
-    preds, out = iter(prediction_records(probs)), []
+        return df.assign(**{prefix + name: values for name, values in prediction_columns(probs, rank_by).items()}), None
+    preds, out = iter(prediction_records(probs, rank_by)), []
     for rec in records:
         if "items" in rec:
-            ranked = rank_results(rec["items"], [next(preds) for _ in rec["items"]], top_k)
+            ranked = rank_results(rec["items"], [next(preds) for _ in rec["items"]], top_k, rank_by)
             out.append({**{k: v for k, v in rec.items() if k != "items"}, prefix + "results": ranked})
         else:
             out.append({**rec, **{prefix + name: value for name, value in next(preds).items()}})
@@ -289,13 +291,13 @@ def write_output(path: str, ext: str, df: pd.DataFrame | None, records: list[dic
         table.to_csv(path, index=False, header=header)
 
 
-def record_columns(records: Iterable[dict], prefix: str, seen: dict | None = None) -> dict:
+def record_columns(records: Iterable[dict], prefix: str, seen: dict | None = None, rank_by: str = "score") -> dict:
     """The table columns scored records make, in the order pandas would give one frame of all of them (first
     seen first): each record's fields, then the prediction columns. ``seen``: the dict to extend (chunk by
     chunk); its keys are the columns."""
     seen = {} if seen is None else seen
     for record in records:
-        for name in [*record, *added_names(prefix, "items" in record)]:
+        for name in [*record, *added_names(prefix, "items" in record, rank_by)]:
             seen.setdefault(name, None)
     return seen
 

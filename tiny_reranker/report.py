@@ -16,7 +16,7 @@ from esci_dataset import LABEL_TEXT, LABEL_TO_ID, LABELS, SCORE_WEIGHTS, query_g
 from tiny_reranker.calibration import ECE_BINS
 from tiny_reranker.contract import LABEL_CONFIG_NAME, stored_temperature
 from tiny_reranker.metrics import breakdown, evaluation_report, mean_ndcg
-from tiny_reranker.scoring import PROB_COLUMNS, prediction_columns, probs_from_logits, scores_from_probs
+from tiny_reranker.scoring import PROB_COLUMNS, expected_gains, prediction_columns, probs_from_logits, scores_from_probs
 
 N_SHOWN = 5  # worst queries and confident mistakes printed and kept in the JSON
 LOCALE_COLUMN = "product_locale"  # an eval file with several (prepare_esci --locale all) gets metrics per locale
@@ -78,6 +78,10 @@ def build_report(df: pd.DataFrame, logits: np.ndarray, probs: np.ndarray, temper
     report = evaluation_report(y_true, raw, scores, groups, temperature=temperature["value"],
                                n_worst=N_SHOWN)
     report["temperature"] = temperature
+    # The same queries ranked by the expected ESCI gain instead of the score (its chance line is the same).
+    gains = expected_gains(probs)
+    report["ndcg_expected_gain"] = mean_ndcg(groups, y_true, gains)[0]
+    report["ndcg@10_expected_gain"] = mean_ndcg(groups, y_true, gains, k=10)[0]
     if temperature["value"] is not None:
         # A temperature can reorder items: rank once more with the scoring that was NOT applied.
         not_applied = raw if temperature["applied"] else probs_from_logits(logits, temperature["value"])
@@ -174,6 +178,10 @@ def format_report(report: dict, adapter: str | None = _NOT_GIVEN) -> str:
         lines.append(f"nDCG (ESCI gains 1/0.1/0.01/0): {_fmt(report['ndcg'])} (random order "
                      f"{_fmt(report.get('ndcg_random'))})   nDCG@10: {_fmt(report['ndcg@10'])} (random order "
                      f"{_fmt(report.get('ndcg@10_random'))})")
+        if "ndcg_expected_gain" in report:
+            lines.append(f"  ranked by expected gain P(E) + 0.1·P(S) + 0.01·P(C) instead: nDCG "
+                         f"{_fmt(report['ndcg_expected_gain'])} (random order {_fmt(report.get('ndcg_random'))})   "
+                         f"nDCG@10: {_fmt(report['ndcg@10_expected_gain'])} (random order {_fmt(report.get('ndcg@10_random'))})")
         lines.append(f"  over {report['ndcg_queries']} queries" + (
             f" of {report['queries']} ({skipped} without an E, S or C item have no nDCG and are left out)"
             if skipped else ""))

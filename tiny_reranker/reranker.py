@@ -26,7 +26,7 @@ from tiny_reranker.contract import check_temperature, stored_temperature, stored
 from tiny_reranker.forward import logits_of_token_ids
 from tiny_reranker.model_files import check_model_paths
 from tiny_reranker.modeling import load_reranker, reranker_tokenizer, resolve_dtype
-from tiny_reranker.scoring import prediction_records, probs_from_logits, rank_results
+from tiny_reranker.scoring import check_rank_by, prediction_records, probs_from_logits, rank_results
 
 logger = logging.getLogger(__name__)
 ENCODE_BATCH = 512  # pairs per tokenizer call: enough for its threads, a few MB of temporary encodings
@@ -125,24 +125,29 @@ class Reranker:
         return logits_of_token_ids(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, progress,
                                    self.prefix_ids, self.max_batch_tokens)
 
-    def predict(self, pairs: Iterable[tuple[str, str]], progress: bool = False) -> list[dict]:
+    def predict(self, pairs: Iterable[tuple[str, str]], progress: bool = False, rank_by: str = "score") -> list[dict]:
         """Per pair ``(query, item_text)``: ``{p_E, p_S, p_C, p_I, score, pred_label}``, in input order.
 
         ``score = (3·p_E + 2·p_S + p_C) / 3`` in [0, 1]; ``pred_label`` is the argmax class.
+        ``rank_by="expected_gain"`` adds ``expected_gain = p_E + 0.1·p_S + 0.01·p_C`` (ESCI's nDCG gains).
         """
+        check_rank_by(rank_by)
         pairs = list(pairs)
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise TypeError(f"pairs[{i}] must be a (query, item_text) pair, got {pair!r}")
         probs = self.predict_probs([q for q, _ in pairs], [d for _, d in pairs], progress)
-        return prediction_records(probs)
+        return prediction_records(probs, rank_by)
 
-    def rank(self, query: str, items: Sequence[str], top_k: int | None = None) -> list[dict]:
-        """``items`` sorted by descending score (ties keep input order); the first ``top_k`` (all if None).
+    def rank(self, query: str, items: Sequence[str], top_k: int | None = None, rank_by: str = "score") -> list[dict]:
+        """``items`` sorted by descending ``rank_by`` (ties keep input order); the first ``top_k`` (all if None).
 
         Each result: ``{index, item, p_E, p_S, p_C, p_I, score, pred_label}``, where
-        ``index`` is the item's position in ``items``.
+        ``index`` is the item's position in ``items``. ``rank_by``: ``"score"`` (the default,
+        ``(3·p_E + 2·p_S + p_C) / 3``) or ``"expected_gain"`` (``p_E + 0.1·p_S + 0.01·p_C``, ESCI's
+        nDCG gains; the result then also holds ``expected_gain``).
         """
+        check_rank_by(rank_by)
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}: {query!r}")
         if isinstance(items, str):
@@ -152,4 +157,5 @@ class Reranker:
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0 or None, got {top_k}")
         items = list(items)
-        return rank_results(items, prediction_records(self.predict_probs([query] * len(items), items)), top_k)
+        return rank_results(items, prediction_records(self.predict_probs([query] * len(items), items), rank_by), top_k,
+                            rank_by)

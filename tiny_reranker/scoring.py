@@ -5,7 +5,8 @@ train.py's held-out metrics and calibration) ends here, so a temperature is appl
 everywhere and the same pair gets the same numbers wherever it is scored::
 
     P = softmax(logits / T)                       # [N, 4], LABELS order, float64
-    score = (3·P(E) + 2·P(S) + 1·P(C)) / 3        # in [0, 1]
+    score = (3·P(E) + 2·P(S) + 1·P(C)) / 3        # in [0, 1], the default ranking
+    expected_gain = P(E) + 0.1·P(S) + 0.01·P(C)   # in [0, 1], ranking by ESCI's nDCG gains (rank_by="expected_gain")
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from esci_dataset import LABELS, SCORE_WEIGHTS, ESCIDataError
+from esci_dataset import LABELS, NDCG_GAINS, RANK_BY, SCORE_WEIGHTS, ESCIDataError
 
 PROB_COLUMNS = tuple(f"p_{label}" for label in LABELS)
 OUTPUT_COLUMNS = (*PROB_COLUMNS, "score", "pred_label")  # the predict.py output contract
@@ -60,24 +61,48 @@ def scores_from_probs(probs) -> np.ndarray:
     return probs.astype(np.float64) @ weights / weights.max()
 
 
-def prediction_columns(probs: np.ndarray) -> dict[str, np.ndarray]:
-    """``probs [N, 4]`` -> columns ``p_E, p_S, p_C, p_I, score, pred_label`` (the predict.py output contract)."""
+def expected_gains(probs) -> np.ndarray:
+    """Expected ESCI nDCG gain in [0, 1]: ``P(E) + 0.1·P(S) + 0.01·P(C)``. ``probs: [..., 4]`` -> ``[...]``.
+
+    Sorting a query's items by it maximises the expected DCG under ESCI's gains (DCG is linear in the gains
+    and its discounts decrease), when the probabilities are calibrated. The default score weights S and C
+    far more (3:2:1), as a shop that values substitutes and complements would.
+    """
+    gains = np.array([NDCG_GAINS[label] for label in LABELS], dtype=np.float64)
+    probs = probs.detach().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+    return probs.astype(np.float64) @ gains
+
+
+def check_rank_by(rank_by: str) -> str:
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}")
+    return rank_by
+
+
+def prediction_columns(probs: np.ndarray, rank_by: str = "score") -> dict[str, np.ndarray]:
+    """``probs [N, 4]`` -> columns ``p_E, p_S, p_C, p_I, score, pred_label`` (the predict.py output contract);
+    with ``rank_by="expected_gain"`` also ``expected_gain``, after ``score``."""
     probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(LABELS))
     columns = {col: probs[:, j] for j, col in enumerate(PROB_COLUMNS)}
     columns["score"] = scores_from_probs(probs)
+    if check_rank_by(rank_by) == "expected_gain":
+        columns["expected_gain"] = expected_gains(probs)
     columns["pred_label"] = np.asarray(LABELS, dtype=object)[probs.argmax(axis=1)]
     return columns
 
 
-def prediction_records(probs: np.ndarray) -> list[dict]:
-    """``probs [N, 4]`` -> N dicts ``{p_E, p_S, p_C, p_I, score, pred_label}`` of plain Python types."""
-    columns = prediction_columns(probs)
+def prediction_records(probs: np.ndarray, rank_by: str = "score") -> list[dict]:
+    """``probs [N, 4]`` -> N dicts ``{p_E, p_S, p_C, p_I, score, pred_label}`` of plain Python types (and
+    ``expected_gain`` with ``rank_by="expected_gain"``)."""
+    columns = prediction_columns(probs, rank_by)
     return [{name: (str(values[i]) if name == "pred_label" else float(values[i])) for name, values in columns.items()}
             for i in range(len(probs))]
 
 
-def rank_results(items: Sequence[str], preds: Sequence[dict], top_k: int | None = None) -> list[dict]:
-    """``[{index, item, **pred}]`` by descending score; ties keep input order (stable sort)."""
+def rank_results(items: Sequence[str], preds: Sequence[dict], top_k: int | None = None,
+                 rank_by: str = "score") -> list[dict]:
+    """``[{index, item, **pred}]`` by descending ``pred[rank_by]``; ties keep input order (stable sort)."""
+    check_rank_by(rank_by)
     results = [{"index": i, "item": item, **pred} for i, (item, pred) in enumerate(zip(items, preds))]
-    results.sort(key=lambda r: -r["score"])
+    results.sort(key=lambda r: -r[rank_by])
     return results[:top_k] if top_k is not None else results

@@ -129,6 +129,14 @@ def check_instruction_is_text(instruction: str | None, tokenizer) -> None:
 
 DEFAULT_TEMPLATE = build_template()
 
+# Qwen3-Reranker's published prompt (its model card): the same chat turns and user-turn layout, a yes/no system
+# prompt and a web-search instruction; its score is P(yes), the softmax over the "no" and "yes" logits.
+# eval.py --baseline qwen3-reranker scores with it (tiny_reranker.baselines).
+QWEN3_RERANKER_SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct '
+                         'provided. Note that the answer can only be "yes" or "no".')
+QWEN3_RERANKER_INSTRUCT = "Given a web search query, retrieve relevant passages that answer the query"
+QWEN3_RERANKER_ANSWERS = ("no", "yes")  # vocabulary tokens (no leading space: they follow "\n\n")
+
 # The template of PROMPT_VERSION "esci-4way-v2", kept verbatim: adapters trained with it (before
 # templates were stored with the adapter) must still be scored with the prompt they learned.
 V2_TEMPLATE = PromptTemplate(

@@ -33,8 +33,9 @@ import os
 import numpy as np
 import pandas as pd
 
-from esci_dataset import LABEL_TO_ID, ESCIDataError, load_esci_parquet
+from esci_dataset import LABEL_TO_ID, QWEN3_RERANKER_INSTRUCT, ESCIDataError, load_esci_parquet, query_groups
 from tiny_reranker import distributed
+from tiny_reranker.baselines import BASELINES, qwen3_reranker_p_yes, ranking_metrics
 from tiny_reranker.cli import (
     ArgumentParser,
     HelpFormatter,
@@ -42,6 +43,7 @@ from tiny_reranker.cli import (
     check_output_file,
     check_outputs_apart,
     cli_error,
+    dtype_flag,
     positive_int,
     reranker_from_args,
     save_or_fallback,
@@ -50,6 +52,7 @@ from tiny_reranker.cli import (
 from tiny_reranker.contract import LABEL_CONFIG_NAME
 from tiny_reranker.io import write_json
 from tiny_reranker.model_files import check_model_paths
+from tiny_reranker.modeling import resolve_dtype
 from tiny_reranker.report import (
     build_report,
     misclassified_examples,
@@ -71,6 +74,15 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--eval_file", type=str, required=True, help="parquet (or .csv) with query, item_text, esci_label (query_id optional, used for nDCG)")
     g.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N rows (quick checks)")
+
+    g = p.add_argument_group("off-the-shelf baseline (is fine-tuning worth it?)")
+    g.add_argument("--baseline", choices=BASELINES, default=None,
+                   help="also score this baseline and report its nDCG and AUCs beside the model's: qwen3-reranker = "
+                        "Qwen3-Reranker's published yes/no prompt, ranking by P(yes)")
+    g.add_argument("--baseline_model", type=str, default=None,
+                   help="the model --baseline scores (default: --base_model); e.g. a Qwen3-Reranker-0.6B folder")
+    g.add_argument("--baseline_instruction", type=str, default=QWEN3_RERANKER_INSTRUCT,
+                   help="the Instruct line of the baseline's prompt (default: Qwen3-Reranker's published one, %(default)r)")
 
     g = p.add_argument_group("outputs")
     g.add_argument("--save_scores_path", type=str, default=None,
@@ -140,6 +152,22 @@ def write_table(frame: pd.DataFrame, tmp: str, path: str) -> None:
         frame.to_parquet(tmp, index=False)
 
 
+def score_baseline(args, df: pd.DataFrame, shard) -> dict:
+    """``--baseline``'s ranking metrics on ``df`` (every rank scores its share; rank 0 gets the metrics, the
+    others None), as the report's ``baseline`` block."""
+    model = args.baseline_model or args.base_model
+    logger.info("scoring the %s baseline with %s", args.baseline, model)
+    mine = qwen3_reranker_p_yes(model, shard.take(df["query"].tolist()), shard.take(df["item_text"].tolist()),
+                                resolve_dtype(dtype_flag(args)), shard.device, args.max_length, args.batch_size,
+                                args.max_batch_tokens or None, args.no_flash_attn, args.baseline_instruction)
+    p_yes = shard.gather(mine[:, None], len(df))
+    if p_yes is None:
+        return None
+    y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
+    return {"name": args.baseline, "model": model, "instruction": args.baseline_instruction, "score": "P(yes)",
+            **ranking_metrics(query_groups(df).to_numpy(), y_true, p_yes[:, 0])}
+
+
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
@@ -181,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     # (errors print on every rank: all ranks see the same input, and a failure on one alone must show)
     try:
         check_model_paths(args.base_model, args.lora_model)
+        if args.baseline_model and not args.baseline:
+            raise ESCIDataError("--baseline_model names the model for --baseline; pass --baseline qwen3-reranker too")
+        if args.baseline:
+            check_model_paths(args.baseline_model or args.base_model, None)
         check_outputs(args, metrics_path)
         df = load_eval_data(args)
         reranker = reranker_from_args(args, device=shard.device)
@@ -201,13 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     mine = reranker.predict_logits(shard.take(df["query"].tolist()), shard.take(df["item_text"].tolist()),
                                    progress=shard.is_main)
     logits = shard.gather(mine, len(df))
+    applied_t, warning = reranker.temperature, reranker.encoder.truncation_warning()  # (torchrun: rank 0's share)
+    baseline = None
+    if args.baseline:  # every rank scores its share of the baseline too, before rank 0 goes on alone
+        del reranker  # one model in memory at a time
+        try:
+            baseline = score_baseline(args, df, shard)
+        except ESCIDataError as exc:
+            return cli_error(f"--baseline {args.baseline}: {exc}")
+        except (OSError, ValueError) as exc:
+            return cli_error(f"--baseline {args.baseline}: cannot load {args.baseline_model or args.base_model}: {exc}")
     if not shard.is_main:
         return 0
     try:
-        probs = probs_from_logits(logits, reranker.temperature)  # exactly what Reranker and predict.py give
+        probs = probs_from_logits(logits, applied_t)  # exactly what Reranker and predict.py give
     except ESCIDataError as exc:  # non-finite logits: a broken adapter or an overflowing dtype
         return cli_error(f"--base_model {args.base_model}, --lora_model {args.lora_model}: {exc}")
-    if (warning := reranker.encoder.truncation_warning()):  # (under torchrun: rank 0's share of the rows)
+    if warning:
         logger.warning("eval data: %s", warning)
 
     # 4. Metrics and the printed report ------------------------------------------------
@@ -215,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     report["adapter"] = adapter_description(args)
     report["misclassified_examples"] = misclassified_examples(scores_frame(df[["query", "item_text", "esci_label"]],
                                                                            probs))
+    if baseline is not None:
+        report["baseline"] = baseline
     report["config"] = vars(args)
     print_report(report, report["adapter"])
 

@@ -139,3 +139,25 @@ def test_a_damaged_cache_is_rebuilt_not_a_traceback(qwen3_tokenizer, demo_data, 
     again = tokenize_split(df, encoder, "train", source, str(tmp_path))
     assert again["input_ids"][:] == expected and encoder.n_encoded == len(df)
     assert "is damaged" in caplog.text and "rebuilding it" in caplog.text
+
+
+def test_a_killed_runs_temp_build_is_removed_and_no_other(tmp_path):
+    """A tokenization killed mid-build leaves .tmp-* (GBs at full size); the next build removes it, but never a
+    build that is still running here, or one of another host on a shared filesystem."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tiny_reranker.data_cache import OWNER_NAME, remove_abandoned_builds
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owners = {"dead": (socket.gethostname(), dead.pid), "alive": (socket.gethostname(), os.getpid()),
+              "elsewhere": ("another-host", dead.pid)}
+    for name, (host, pid) in owners.items():
+        (tmp_path / f".tmp-train-{name}").mkdir()
+        (tmp_path / f".tmp-train-{name}" / OWNER_NAME).write_text(json.dumps({"host": host, "pid": pid}))
+    (tmp_path / "train-abc").mkdir()  # a finished cache
+    remove_abandoned_builds(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-train-alive", ".tmp-train-elsewhere", "train-abc"]

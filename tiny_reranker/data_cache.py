@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 
@@ -115,6 +116,26 @@ def _features() -> Features:
                      "length": Value("int32"), "items_cut": Value("int32")})
 
 
+OWNER_NAME = "owner.json"  # in a temp build folder: which process builds it
+
+
+def remove_abandoned_builds(root: str) -> None:
+    """Remove the temp build folders of runs that were killed mid-tokenization (each can hold GBs): those whose
+    owner is a process of this host that no longer runs. Another host's builds (a shared filesystem) are left."""
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        try:
+            owner = json.load(open(os.path.join(path, OWNER_NAME)))
+            if not name.startswith(".tmp-") or owner["host"] != socket.gethostname():
+                continue
+            os.kill(int(owner["pid"]), 0)  # raises ProcessLookupError when it is gone
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s, left by a tokenization that was killed", path)
+        except (OSError, ValueError, KeyError, TypeError):  # not ours, still being written, or running elsewhere
+            continue
+
+
 def build_split(df: pd.DataFrame, encoder: PromptEncoder, folder: str, num_proc: int, desc: str) -> None:
     """Tokenize ``df`` and save it (``save_to_disk``) with its truncation counts into the new ``folder``.
 
@@ -122,9 +143,11 @@ def build_split(df: pd.DataFrame, encoder: PromptEncoder, folder: str, num_proc:
     complete; if another node's main process finished it first, its copy is kept.
     """
     root = os.path.dirname(folder)
+    remove_abandoned_builds(root)
     tmp = os.path.join(root, f".tmp-{os.path.basename(folder)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(os.path.join(tmp, "map"))
+        write_json(os.path.join(tmp, OWNER_NAME), {"host": socket.gethostname(), "pid": os.getpid()})
         texts = Dataset.from_pandas(df[TEXT_COLUMNS], preserve_index=False)
         # Written to files as it goes (not held in memory), and read back memory-mapped.
         mapped = texts.map(

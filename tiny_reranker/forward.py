@@ -32,8 +32,9 @@ from tiny_reranker.batching import (
 )
 
 
-def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=None) -> torch.Tensor:
-    """Label logits ``[B, 4]`` (``LABELS`` order) at the last token of each prompt.
+def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=None, n_outputs: int = len(LABELS)) -> torch.Tensor:
+    """Label logits ``[B, 4]`` (``LABELS`` order) at the last token of each prompt (``[B, n_outputs]`` for a
+    head on other answer tokens, e.g. a yes/no baseline's).
 
     ``model`` is a causal LM (or a peft/DDP wrapper of one) with the label head
     attached. ``batch`` is one of:
@@ -68,8 +69,8 @@ def label_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix_kv=Non
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch.get("position_ids"), logits_to_keep=1, use_cache=False)
         logits = out.logits[:, -1, :]
-    if logits.shape[-1] != len(LABELS):
-        raise RuntimeError(f"expected {len(LABELS)} label logits, got {logits.shape[-1]}: is the label head attached?")
+    if logits.shape[-1] != n_outputs:
+        raise RuntimeError(f"expected {n_outputs} label logits, got {logits.shape[-1]}: is the label head attached?")
     return logits
 
 
@@ -143,8 +144,9 @@ def encode_prefix(model: nn.Module, prefix_ids: Sequence[int]) -> PrefixKV:
 @torch.inference_mode()
 def logits_of_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id: int,
                         batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False, prefix_ids: Sequence[int] = (),
-                        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS) -> np.ndarray:
-    """Raw label logits ``[N, 4]`` (``LABELS`` order, float32) for encoded prompts, in input order.
+                        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, n_outputs: int = len(LABELS)) -> np.ndarray:
+    """Raw label logits ``[N, 4]`` (``LABELS`` order, float32) for encoded prompts, in input order
+    (``[N, n_outputs]`` for a head on other answer tokens).
 
     Batches are length-sorted, token-budgeted and left-padded; results are
     scattered back to the input order, so the output never depends on batching.
@@ -152,7 +154,7 @@ def logits_of_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id:
     Its keys/values are computed once and reused, so each pair only runs the
     tokens after it; the numbers equal the full-prompt path (tested to 1e-5 in fp32).
     """
-    logits_out = np.zeros((len(token_ids), len(LABELS)), dtype=np.float32)
+    logits_out = np.zeros((len(token_ids), n_outputs), dtype=np.float32)
     if not len(token_ids):
         return logits_out
     device = next(model.parameters()).device
@@ -166,5 +168,5 @@ def logits_of_token_ids(model, token_ids: Sequence[Sequence[int]], pad_token_id:
     for idx in batches:
         batch = collate_left_padded([{"input_ids": token_ids[i][n_prefix:]} for i in idx], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits_out[idx] = label_logits(model, batch, prefix_kv=prefix_kv).float().cpu().numpy()
+        logits_out[idx] = label_logits(model, batch, prefix_kv=prefix_kv, n_outputs=n_outputs).float().cpu().numpy()
     return logits_out

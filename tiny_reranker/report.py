@@ -157,6 +157,19 @@ def _model_line(report: dict, adapter) -> str:
     return f"model: adapter {adapter}" if adapter else "model: zero-shot (no adapter loaded)"
 
 
+def baseline_lines(report: dict) -> list[str]:
+    """The model beside eval.py --baseline's off-the-shelf ranker, with the chance line of each metric."""
+    b = report["baseline"]
+    rows = [("nDCG", "ndcg", report.get("ndcg_random")), ("nDCG@10", "ndcg@10", report.get("ndcg@10_random")),
+            ("ROC-AUC E vs rest", "roc_auc_E_vs_rest", 0.5), ("ROC-AUC E+S vs C+I", "roc_auc_ES_vs_CI", 0.5)]
+    lines = [f"off-the-shelf baseline: {b['name']} ({b['model']}, its published yes/no prompt, ranked by {b['score']})",
+             f"  {'metric':<20}{'this model':>12}{'baseline':>10}{'chance':>10}"]
+    for name, key, chance in rows:
+        if key in b or key in report:
+            lines.append(f"  {name:<20}{_fmt(report.get(key)):>12}{_fmt(b.get(key)):>10}{_fmt(chance):>10}")
+    return lines
+
+
 def format_report(report: dict, adapter: str | None = _NOT_GIVEN) -> str:
     """The report as readable text tables. ``adapter``: path, or None for zero-shot."""
     base = report["majority_baseline"]
@@ -185,6 +198,8 @@ def format_report(report: dict, adapter: str | None = _NOT_GIVEN) -> str:
         lines.append(f"  over {report['ndcg_queries']} queries" + (
             f" of {report['queries']} ({skipped} without an E, S or C item have no nDCG and are left out)"
             if skipped else ""))
+    if "baseline" in report:
+        lines += ["", *baseline_lines(report)]
     if "esci_tasks" in report:
         t = report["esci_tasks"]
         lines += ["", "ESCI benchmark tasks (KDD Cup 2022)",

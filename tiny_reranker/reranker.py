@@ -122,8 +122,9 @@ class Reranker:
         for start in range(0, len(queries), ENCODE_BATCH):
             token_ids += [np.asarray(ids, dtype=np.int32) for ids in self.encode(queries[start:start + ENCODE_BATCH],
                                                                                  items[start:start + ENCODE_BATCH])]
+        head = self.model.get_output_embeddings()  # 4 label rows; 2 (no, yes) for baselines.qwen3_reranker_p_yes
         return logits_of_token_ids(self.model, token_ids, self.tokenizer.pad_token_id, self.batch_size, progress,
-                                   self.prefix_ids, self.max_batch_tokens)
+                                   self.prefix_ids, self.max_batch_tokens, n_outputs=len(head.label_ids))
 
     def predict(self, pairs: Iterable[tuple[str, str]], progress: bool = False, rank_by: str = "score") -> list[dict]:
         """Per pair ``(query, item_text)``: ``{p_E, p_S, p_C, p_I, score, pred_label}``, in input order.

@@ -17,12 +17,12 @@ import shutil
 import pyarrow.parquet as pq
 
 from esci_dataset import ESCIDataError
-from tiny_reranker.cli import ArgumentParser, check_output_dir, cli_error, is_model_file_name, positive_int
+from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, is_model_file_name, positive_int
 from tiny_reranker.demo_model import build_tiny_model, write_demo_data
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out_dir", type=str, default="demo_out", help="where to write tiny-qwen3/ and data/")
     parser.add_argument("--n_train_queries", type=positive_int, default=240, help="synthetic training queries (8 items each)")
     parser.add_argument("--n_test_queries", type=positive_int, default=40, help="synthetic test queries (8 items each)")

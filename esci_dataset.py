@@ -431,12 +431,16 @@ def validate_query_ids(ids: pd.Series, path: str) -> None:
 
 
 def read_table(path: str) -> pd.DataFrame:
-    """Read a parquet file, or a ``.csv`` one (:func:`read_csv_strict`), turning every way it can fail into
-    :class:`ESCIDataError`."""
+    """Read a parquet file, a ``.csv`` one (:func:`read_csv_strict`) or a ``.jsonl`` one (predict.py's strict JSON
+    lines reader), turning every way it can fail into :class:`ESCIDataError`."""
     if not os.path.exists(path):
         raise ESCIDataError(f"{path}: file not found")
     if path.lower().endswith(".csv"):
         return read_csv_strict(path)
+    if path.lower().endswith(".jsonl"):
+        from tiny_reranker.pairs import read_jsonl_file  # lazy: tiny_reranker imports this module
+
+        return pd.DataFrame(read_jsonl_file(path))
     try:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises many types for unreadable files

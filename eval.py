@@ -2,8 +2,8 @@
 
 Each pair is scored at its last prompt position: softmax over the four label-token logits gives
 P(E), P(S), P(C), P(I) (E exact, S substitute, C complement, I irrelevant), and the ranking score
-is (3·P(E) + 2·P(S) + 1·P(C)) / 3. When train.py --calibrate stored a temperature T with the
-adapter, the logits are divided by T first (--no_temperature: raw logits). T never changes the
+is (3·P(E) + 2·P(S) + 1·P(C)) / 3. When train.py stored a temperature T with the adapter
+(it fits one on its held-out split by default), the logits are divided by T first (--no_temperature: raw logits). T never changes the
 predicted label, but it can reorder items by score; the report shows nDCG with and without it.
 
 The report, printed and written as JSON (--metrics_path):
@@ -72,7 +72,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add_inference_args(p)
     g = p.add_argument_group("data")
-    g.add_argument("--eval_file", type=str, required=True, help="parquet (or .csv) with query, item_text, esci_label (query_id optional, used for nDCG)")
+    g.add_argument("--eval_file", type=str, required=True, help=".parquet, .csv or .jsonl with query, item_text, esci_label (query_id optional, used for nDCG)")
     g.add_argument("--max_samples", type=positive_int, default=None, help="evaluate only the first N rows (quick checks)")
 
     g = p.add_argument_group("off-the-shelf baseline (is fine-tuning worth it?)")
@@ -92,7 +92,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="write our columns in --save_scores_path as PREFIX + name (e.g. eval_ -> eval_score); needed "
                         f"when the eval file already has a column named {', '.join(SCORE_COLUMNS)} (default: %(default)r)")
     g.add_argument("--metrics_path", type=str, default=None,
-                   help="metrics JSON (default: <lora_model>/eval_metrics.json, or ./eval_metrics.json without an adapter)")
+                   help="metrics JSON (default: <lora_model>/eval_metrics.json; without an adapter "
+                        "outputs/eval/<base model folder name>/eval_metrics.json)")
     g.add_argument("--no_plots", action="store_true",
                    help="do not draw the PNG plots otherwise written next to --metrics_path and named after it "
                         "(eval_metrics.json -> eval_confusion_matrix.png, eval_score_distribution.png, eval_roc.png, "
@@ -136,6 +137,15 @@ def adapter_description(args) -> str | None:
     if os.path.isfile(os.path.join(os.path.expanduser(args.base_model), LABEL_CONFIG_NAME)):
         return f"merged into --base_model {args.base_model} (export.py --format merged)"
     return None
+
+
+def default_metrics_path(base_model: str, lora_model: str | None) -> str:
+    """Beside the adapter; without one, ``outputs/eval/<base model's name>/`` (git ignores ``outputs/``): never the
+    current folder, and never inside the base model's folder."""
+    if lora_model:
+        return os.path.join(lora_model, "eval_metrics.json")
+    name = os.path.basename(os.path.normpath(os.path.expanduser(base_model))) or "base_model"
+    return os.path.join("outputs", "eval", name, "eval_metrics.json")
 
 
 def plot_prefix(metrics_path: str) -> str:
@@ -185,7 +195,7 @@ def write_plots(df: pd.DataFrame, logits: np.ndarray, temperature: dict, metrics
 
     y_true = df["esci_label"].map(LABEL_TO_ID).to_numpy()
     calibrated = probs_from_logits(logits, temperature["value"]) if temperature["value"] is not None else None
-    folder = os.path.dirname(os.path.abspath(metrics_path))
+    folder = os.path.dirname(metrics_path) or "."  # logged as given, like every other output path
     try:
         paths = plot_eval(y_true, probs_from_logits(logits), folder, plot_prefix(metrics_path), calibrated,
                           use_calibrated=temperature["applied"])  # the probabilities the report shows
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     shard = distributed.start()  # torchrun: this rank's share of the rows; one process: all of them
     set_up_logging(logger, args, shard.is_main)
-    metrics_path = args.metrics_path or os.path.join(args.lora_model or ".", "eval_metrics.json")
+    metrics_path = args.metrics_path or default_metrics_path(args.base_model, args.lora_model)
 
     # 2. Checks before the slow steps, then data and model ------------------------------
     # (errors print on every rank: all ranks see the same input, and a failure on one alone must show)

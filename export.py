@@ -16,7 +16,7 @@ Both folders also hold the tokenizer, reranker_config.json and reranker_prompt.j
 merge runs in float32 on the CPU; --bf16 only casts the saved weights. The folder appears
 complete or not at all (written to a temp folder, then renamed).
 
-A temperature T stored with the adapter (train.py --calibrate) comes along, so an export scores
+A temperature T stored with the adapter (train.py fits one by default) comes along, so an export scores
 like eval.py and predict.py: seq_cls folds it into the head (score.weight / T: its logits are
 the raw ones / T, exactly, so engines need plain softmax); merged keeps the raw lm_head and stores
 T in reranker_config.json and reranker_prompt.json ("temperature": divide the four label logits

@@ -30,7 +30,7 @@ complete chunks go to F.partial/ and are joined into F when the run ends; after 
 command with --resume checks that F.partial/ belongs to the same input, model and flags, and
 continues after its last complete chunk (every pair scored once, in order).
 
-A temperature stored with the adapter (train.py --calibrate) divides the label logits before the
+A temperature stored with the adapter (train.py fits one by default) divides the label logits before the
 softmax; --no_temperature scores the raw logits. Several GPUs: torchrun --nproc_per_node N predict.py
 ... --input FILE: each rank scores its share of every chunk, rank 0 writes them in input order.
 """

@@ -17,6 +17,7 @@ import errno
 import logging
 import math
 import os
+import time
 
 from transformers import set_seed
 
@@ -47,7 +48,7 @@ from tiny_reranker.cli import (
 from tiny_reranker.compat import optimizer_names
 from tiny_reranker.contract import save_run_contract
 from tiny_reranker.data_cache import tokenize_split
-from tiny_reranker.io import write_json
+from tiny_reranker.io import read_json_object, write_json
 from tiny_reranker.model_files import check_model_paths
 from tiny_reranker.modeling import (
     DEFAULT_LORA_TARGETS,
@@ -100,7 +101,9 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--per_device_train_batch_size", type=int, default=TrainerConfig.per_device_train_batch_size, help="pairs per device per step (drawn at random)")
     g.add_argument("--per_device_eval_batch_size", type=int, default=TrainerConfig.per_device_eval_batch_size, help="pairs per device per eval step")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=TrainerConfig.gradient_accumulation_steps, help="batches per optimizer step")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=TrainerConfig.gradient_accumulation_steps,
+                   help="batches per optimizer step; scripts/run_train.sh passes 4 (GRAD_ACCUM): 16 x 4 = 64 pairs "
+                        "per optimizer step and process")
     g.add_argument("--num_train_epochs", type=float, default=TrainerConfig.num_train_epochs, help="passes over the training split")
     g.add_argument("--max_steps", type=int, default=TrainerConfig.max_steps, help="stop after this many optimizer steps (overrides epochs when > 0)")
     g.add_argument("--learning_rate", type=float, default=TrainerConfig.learning_rate, help="peak learning rate (LoRA weights only)")
@@ -131,8 +134,8 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("calibration (after training)")
     # On by default: T is one number fitted on held-out queries, it never changes a predicted label, and
     # it makes the probabilities (and the expected-gain score built on them) mean what they say.
-    g.add_argument("--calibrate", dest="calibrate", action="store_true", default=True,
-                   help="fit one temperature T on the held-out split (--eval_ratio) and store it in reranker_config.json; "
+    g.add_argument("--calibrate", dest="calibrate", action="store_true", default=argparse.SUPPRESS,
+                   help="ON BY DEFAULT (nothing to pass; kept for old commands): fit one temperature T on the held-out split (--eval_ratio) and store it in reranker_config.json; "
                         "eval.py, predict.py, Reranker and export.py divide the label logits by T. Same predicted "
                         "labels, calibrated probabilities, and the score can order items differently")
     g.add_argument("--no_calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
@@ -154,6 +157,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder to continue from, or 'latest' for the newest complete one in --output_dir")
     g.add_argument("--report_to", type=str, default=TrainerConfig.report_to, help="'none', 'wandb' or 'tensorboard' (comma list allowed)")
     g.add_argument("--wandb_run_name", type=str, default=None, help="W&B run name (the project comes from WANDB_PROJECT)")
+    p.set_defaults(calibrate=True)  # not in --calibrate's help: it reads "ON BY DEFAULT"
     return p
 
 
@@ -296,15 +300,23 @@ def evaluate_held_out(trainer: LabelHeadTrainer, eval_ds, calibrate: bool) -> di
         if calibrate:
             logger.warning("no held-out split, so no temperature was fitted: scoring will use the raw logits")
         return {}
-    # predict() is evaluate()'s pass and metrics, and also returns the 4 label logits for calibration
-    held_out = trainer.predict(eval_ds, metric_key_prefix="eval")
-    if not trainer.args.load_best_model_at_end:
-        # The last step's model, logged at the last step. The best checkpoint's are already in the log at its own
-        # step: logged again at the last step they would draw a false last point in the curves and W&B.
-        trainer.log(held_out.metrics)
-    metrics = {"eval": held_out.metrics}
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    last = trainer.compute_metrics.last
+    if evals and evals[-1].get("step") == trainer.state.global_step and last and not trainer.args.load_best_model_at_end:
+        # The last step was an evaluation step: its metrics are logged and its logits kept; no second pass.
+        eval_metrics, (logits, labels) = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}, last
+    else:
+        # predict() is evaluate()'s pass and metrics, and also returns the 4 label logits for calibration
+        logger.info("held-out eval of the final model (%d pairs)", len(eval_ds))
+        held_out = trainer.predict(eval_ds, metric_key_prefix="eval")
+        if not trainer.args.load_best_model_at_end:
+            # The last step's model, logged at the last step. The best checkpoint's are already in the log at its
+            # own step: logged again at the last step they would draw a false last point in the curves and W&B.
+            trainer.log(held_out.metrics)
+        eval_metrics, logits, labels = held_out.metrics, held_out.predictions, held_out.label_ids
+    metrics = {"eval": eval_metrics}
     if calibrate:
-        metrics["calibration"] = fit_held_out_temperature(held_out.predictions, held_out.label_ids)
+        metrics["calibration"] = fit_held_out_temperature(logits, labels)
     return metrics
 
 
@@ -336,11 +348,34 @@ def save_run_outputs(trainer: LabelHeadTrainer, tokenizer, encoder: PromptEncode
     logger.info("saved LoRA reranker to %s", output_dir)
 
 
+def log_finish(args: argparse.Namespace, started: float) -> None:
+    """The run's total time, and the command that evaluates what it saved."""
+    test_file = os.path.join(os.path.dirname(args.train_file), os.path.basename(args.train_file).replace("train", "test"))
+    if test_file == args.train_file or not os.path.isfile(test_file):
+        test_file = "TEST.parquet"
+    logger.info("done in %s. Next, evaluate it: python eval.py --base_model %s --lora_model %s --eval_file %s",
+                format_duration(time.time() - started), args.base_model, args.output_dir, test_file)
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def log_resume(checkpoint: str) -> None:
+    """Which checkpoint the run continues from, and how far it had got."""
+    state = read_json_object(os.path.join(checkpoint, "trainer_state.json")) or {}
+    logger.info("resuming from %s (step %s of %s)", os.path.basename(checkpoint), state.get("global_step", "?"),
+                state.get("max_steps", "?"))
+
+
 # ---------------------------------------------------------------------------
 # The run, in order
 # ---------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     # 1. Arguments and logging ---------------------------------------------------------------
+    started = time.time()
     args = parse_args(argv)
     dtype, config = resolve_dtype(args.dtype), TrainerConfig.from_flags(vars(args))
     targs = training_arguments(config, dtype, eval_enabled=args.eval_ratio > 0)
@@ -380,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     check_packed_steps(trainer, train_ds, args.max_micro_batches)  # packed layout vs plain prompts, on the device
 
     # 6. Train; save the adapter (safetensors) and tokenizer; evaluate and calibrate on held-out queries
+    if resume and is_main:
+        log_resume(resume)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except OSError as exc:  # a full disk or a read-only mount while saving a checkpoint: say how to go on
@@ -405,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     # 7. Contract with the temperature, metrics JSON, curves (rank 0 only) ----------------------
     if trainer.is_world_process_zero():
         save_run_outputs(trainer, tokenizer, encoder, run_config, metrics)
+        log_finish(args, started)
     return 0
 
 

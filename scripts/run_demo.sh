@@ -14,7 +14,7 @@ DEMO_DIR="${DEMO_DIR:-demo_out}"
 BASE_MODEL="$DEMO_DIR/tiny-qwen3" TRAIN_FILE="$DEMO_DIR/data/train.parquet" OUTPUT_DIR="$DEMO_DIR/lora" \
 MAX_LEN=256 BATCH_SIZE=16 GRAD_ACCUM=1 EPOCHS=1 LR=3e-3 EVAL_RATIO=0.1 SAVE_STEPS=200 LOGGING_STEPS=20 \
 LORA_TARGETS=all-linear DTYPE=fp32 REPORT_TO=none \
-  bash "$REPO_DIR/scripts/run_train.sh" --overwrite_output_dir
+  bash "$REPO_DIR/scripts/run_train.sh" --overwrite_output_dir --eval_steps 27  # 108 steps: 4 held-out points
 
 BASE_MODEL="$DEMO_DIR/tiny-qwen3" LORA_MODEL="$DEMO_DIR/lora" EVAL_FILE="$DEMO_DIR/data/test.parquet" \
 MAX_LEN=256 DTYPE=fp32 \

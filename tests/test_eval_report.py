@@ -272,16 +272,18 @@ def test_user_columns_named_like_ours_are_refused_then_kept_beside_prefixed_ones
     assert {"eval_score", "eval_pred_label", *(f"eval_{c}" for c in PROB_COLUMNS)} <= set(saved.columns)
 
 
-def test_a_csv_eval_file_gives_the_parquet_files_report(setup, capsys, tmp_path):
-    """eval.py reads .csv as predict.py does (all text; before, a CSV got "Parquet magic bytes not found")."""
+@pytest.mark.parametrize("ext", [".csv", ".jsonl"])
+def test_a_csv_or_jsonl_eval_file_gives_the_parquet_files_report(setup, capsys, tmp_path, ext):
+    """eval.py reads .csv and .jsonl as predict.py does (before, they got "Parquet magic bytes not found")."""
     _, _, _, from_parquet = run(setup, capsys)
-    csv_path = tmp_path / "eval.csv"
-    pd.read_parquet(setup.data).to_csv(csv_path, index=False)
-    setup.data = str(csv_path)
-    rc, _, _, from_csv = run(setup, capsys)
+    path = tmp_path / f"eval{ext}"
+    table = pd.read_parquet(setup.data)
+    table.to_csv(path, index=False) if ext == ".csv" else table.to_json(path, orient="records", lines=True)
+    setup.data = str(path)
+    rc, _, _, from_text = run(setup, capsys)
     assert rc == 0
     for key in ("n", "accuracy", "macro_f1", "ndcg", "ndcg_queries", "esci_tasks", "confusion_matrix"):
-        assert from_csv[key] == from_parquet[key], key
+        assert from_text[key] == from_parquet[key], key
 
 
 def test_plots_show_the_probabilities_the_report_applies(setup, capsys, monkeypatch):
@@ -296,3 +298,13 @@ def test_plots_show_the_probabilities_the_report_applies(setup, capsys, monkeypa
     monkeypatch.setattr(plots, "plot_eval", lambda *a, **k: seen.append(k.get("use_calibrated")) or real(*a, **k))
     assert run(setup, capsys)[0] == 0 and run(setup, capsys, "--no_temperature")[0] == 0
     assert seen == [True, False]
+
+
+def test_zero_shot_outputs_go_to_outputs_eval_not_the_current_folder(setup, capsys, monkeypatch, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert eval_cli.main(["--base_model", setup.base, "--eval_file", setup.data]) == 0
+    folder = work / "outputs" / "eval" / os.path.basename(setup.base)
+    assert sorted(os.listdir(work)) == ["outputs"] and (folder / "eval_metrics.json").is_file()
+    assert len(list(folder.glob("eval_*.png"))) == 4

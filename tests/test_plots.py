@@ -123,6 +123,18 @@ def test_training_series_reads_trainer_logs_and_skips_summary_and_nan():
     np.testing.assert_allclose(series["eval_accuracy"][1], [0.55, 0.62])
 
 
+def test_training_curves_draw_the_majority_class_and_random_order_lines():
+    history = [{**e, "eval_majority_accuracy": 0.47, "eval_ndcg": 0.9 + e["step"] / 1000, "eval_ndcg_random": 0.77}
+               if "eval_loss" in e else e for e in HISTORY]
+    fig = plots.training_figure(history)
+    metric_panel = fig.axes[1]
+    levels = {line.get_label().split(":")[0]: set(np.asarray(line.get_ydata(), float).round(3).tolist())
+              for line in metric_panel.get_lines()}
+    assert levels["majority class"] == {0.47} and levels["nDCG of a random order"] == {0.77}
+    assert levels["held-out accuracy"] == {0.55, 0.62}
+    assert "majority class" not in {line.get_label() for line in fig.axes[0].get_lines()}  # not on the loss panel
+
+
 # ---------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------

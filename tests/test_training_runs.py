@@ -30,11 +30,28 @@ def _lora_b(out):
     return {k: v for k, v in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in k}
 
 
-def test_resume_after_interruption_finishes_like_an_uninterrupted_run(tiny_model_dir, demo_data, tmp_path, monkeypatch):
+def test_resume_after_interruption_finishes_like_an_uninterrupted_run(tiny_model_dir, demo_data, tmp_path, monkeypatch, caplog):
     from transformers import Trainer
 
     full = str(tmp_path / "full")
+    predicts = []
+    original_predict = LabelHeadTrainer.predict
+    monkeypatch.setattr(LabelHeadTrainer, "predict", lambda self, *a, **kw: predicts.append(1) or original_predict(self, *a, **kw))
     assert train_cli.main(_args(tiny_model_dir, demo_data[0], full, "--max_steps", "8", "--save_steps", "4")) == 0
+    # Step 8 was an evaluation step: calibration reuses its logits, with no second held-out pass. They are the
+    # final model's: the temperature equals one fitted on the adapter's own held-out logits, scored anew.
+    assert predicts == []
+    with open(os.path.join(full, "train_metrics.json")) as f:
+        fitted = json.load(f)["calibration"]["temperature"]
+    from esci_dataset import LABEL_TO_ID
+    from tiny_reranker.reranker import Reranker
+    from tiny_reranker.trainer import fit_held_out_temperature
+
+    held_out = split_by_query(load_esci_parquet(demo_data[0]), 0.1, 42)[1]
+    rr = Reranker.from_pretrained(tiny_model_dir, full, device="cpu", dtype="fp32", max_length=192, temperature=1.0)
+    logits = rr.predict_logits(held_out["query"].tolist(), held_out["item_text"].tolist())
+    refit = fit_held_out_temperature(logits, held_out["esci_label"].map(LABEL_TO_ID).to_numpy())["temperature"]
+    assert refit == pytest.approx(fitted, rel=1e-3)
     for step in (4, 8):  # every checkpoint carries the contract, our model card, and can be evaluated as is
         checkpoint = os.path.join(full, f"checkpoint-{step}")
         with open(os.path.join(checkpoint, "README.md")) as f:
@@ -67,9 +84,12 @@ def test_resume_after_interruption_finishes_like_an_uninterrupted_run(tiny_model
         return original_step(self, *a, **kw)
 
     monkeypatch.setattr(LabelHeadTrainer, "training_step", counted_step)
-    rc = train_cli.main(_args(tiny_model_dir, demo_data[0], crashed, "--max_steps", "8", "--save_steps", "4",
-                              "--resume_from_checkpoint", "latest"))
+    with caplog.at_level(logging.INFO, logger="train"):
+        rc = train_cli.main(_args(tiny_model_dir, demo_data[0], crashed, "--max_steps", "8", "--save_steps", "4",
+                                  "--resume_from_checkpoint", "latest"))
     assert rc == 0
+    assert "resuming from checkpoint-4 (step 4 of 8)" in caplog.text
+    assert f"Next, evaluate it: python eval.py --base_model {tiny_model_dir} --lora_model {crashed}" in caplog.text
     assert steps_run == [4, 5, 6, 7]  # it went on from checkpoint-4; a fresh run of 8 steps would end alike
     with open(os.path.join(crashed, "checkpoint-8", "trainer_state.json")) as f:
         assert json.load(f)["global_step"] == 8

@@ -65,8 +65,19 @@ def set_up_logging(logger: logging.Logger, args: argparse.Namespace, is_main: bo
     ranks under torchrun. ``stream``: where log lines go (default stderr, so stdout can carry JSON lines)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=stream or sys.stderr,
                         level=logging.INFO if is_main else logging.WARNING)
+    quiet_third_party_output()
     if is_main:
         logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True))
+
+
+def quiet_third_party_output() -> None:
+    """Hide what libraries print that a user cannot act on: transformers' and the hub's progress bars (loading
+    weights, writing shards) and huggingface_hub's "Repo card metadata block was not found" (peft reads our
+    model card). Our own bars (tokenizing, training, scoring) stay; data_cache hides datasets' saving bar."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
 
 
 def cli_error(error: BaseException | str) -> int:
@@ -265,7 +276,7 @@ def add_inference_args(parser) -> None:
     add_dtype_args(g, "weights dtype")
     g.add_argument("--no_flash_attn", action="store_true", help="force PyTorch sdpa attention even when flash-attn is installed")
     g.add_argument("--no_temperature", action="store_true",
-                   help="score with the raw label logits, ignoring the temperature train.py --calibrate stored in "
+                   help="score with the raw label logits, ignoring the temperature train.py stored in "
                         "reranker_config.json (by default it is applied: same predicted labels, calibrated "
                         "probabilities, and a score that can order items differently)")
     g = parser.add_argument_group("batching")

@@ -47,7 +47,7 @@ MODEL_CARD_NAME = "README.md"
 # claims. It can reorder items by score: eval.py reports nDCG with and without it, and --no_temperature
 # (eval.py, predict.py) or Reranker(temperature=1.0) scores the raw logits.
 TEMPERATURE_NOTE = ("the four label logits are divided by this before the softmax; fitted on the held-out split by "
-                    "train.py --calibrate. It never changes the predicted label but can reorder items by score; "
+                    "train.py (by default; --no_calibrate skips it). It never changes the predicted label but can reorder items by score; "
                     "eval.py / predict.py --no_temperature score the raw logits. null: none fitted")
 
 
@@ -133,7 +133,7 @@ def check_temperature(value, what: str = "temperature") -> float:
     low, high = TEMPERATURE_RANGE
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= float(value) <= high:
         raise ESCIDataError(f"{what} must be a positive number in [{low:g}, {high:g}] (the range train.py "
-                            f"--calibrate fits in), or null for none, got {value!r}")
+                            f"fits it in), or null for none, got {value!r}")
     return float(value)
 
 

@@ -20,6 +20,7 @@ any of them makes a new folder; old folders are not used again and may be delete
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -31,6 +32,7 @@ import socket
 import time
 import uuid
 
+import datasets as datasets_progress  # its module-level progress-bar switches
 import pandas as pd
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, Features, Sequence, Value, load_from_disk
@@ -116,6 +118,18 @@ def _features() -> Features:
                      "length": Value("int32"), "items_cut": Value("int32")})
 
 
+@contextlib.contextmanager
+def quiet_datasets_bars():
+    """``datasets``' progress bars off inside the block, back as they were after it."""
+    was_on = datasets_progress.is_progress_bar_enabled()
+    datasets_progress.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets_progress.enable_progress_bars()
+
+
 OWNER_NAME = "owner.json"  # in a temp build folder: which process builds it
 
 
@@ -158,7 +172,8 @@ def build_split(df: pd.DataFrame, encoder: PromptEncoder, folder: str, num_proc:
             new_fingerprint=os.path.basename(folder), desc=desc,
         )
         stats = {"rows": len(mapped), "items_cut_below_half": pc.sum(mapped.data.column("items_cut")).as_py() or 0}
-        mapped.remove_columns("items_cut").save_to_disk(os.path.join(tmp, "dataset"))
+        with quiet_datasets_bars():  # "Saving the dataset (1/1 shards)": a copy the user cannot act on
+            mapped.remove_columns("items_cut").save_to_disk(os.path.join(tmp, "dataset"))
         del texts, mapped
         write_json(os.path.join(tmp, "dataset", STATS_NAME), stats)
         try:

@@ -64,6 +64,9 @@ def roc_points(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.
 
 # Held-out metrics train.py logs at each evaluation (trainer.held_out_metrics), all in [0, 1].
 HELD_OUT_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_ndcg")
+# Each held-out metric's chance line, as train.py logs it beside the metric: the majority class, random order.
+CHANCE_LINES = {"eval_accuracy": ("eval_majority_accuracy", "majority class"),
+                "eval_ndcg": ("eval_ndcg_random", "nDCG of a random order")}
 
 
 def training_series(log_history: Sequence[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -75,7 +78,7 @@ def training_series(log_history: Sequence[dict]) -> dict[str, tuple[np.ndarray, 
     without a step or with a non-finite value are skipped too. Keys with no points are left out.
     """
     series = {}
-    for key in ("loss", "eval_loss", *HELD_OUT_METRICS):
+    for key in ("loss", "eval_loss", *HELD_OUT_METRICS, *(chance for chance, _ in CHANCE_LINES.values())):
         points = [(entry["step"], entry[key]) for entry in log_history
                   if "step" in entry and isinstance(entry.get(key), numbers.Real) and np.isfinite(entry[key])]
         if points:
@@ -212,13 +215,23 @@ def plot_eval(y_true: np.ndarray, probs: np.ndarray, out_dir: str, prefix: str =
 
 
 def plot_training(log_history: Sequence[dict], out_path: str) -> str | None:
-    """Training loss, and held-out loss / accuracy / macro-F1 / nDCG, over steps, as one PNG at ``out_path``.
+    """Training loss, and held-out loss / accuracy / macro-F1 / nDCG beside their chance lines, over steps, as one
+    PNG at ``out_path``.
 
     ``log_history`` is a HF Trainer ``state.log_history``. Returns ``out_path``, or
     None (nothing written) when it holds no loss or eval metric to plot.
     """
+    fig = training_figure(log_history)
+    if fig is None:
+        return None
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    return _save(fig, out_path)
+
+
+def training_figure(log_history: Sequence[dict]) -> Figure | None:
+    """The figure :func:`plot_training` saves (None when there is nothing to plot)."""
     series = training_series(log_history)
-    if not series:
+    if not any(key in series for key in ("loss", "eval_loss", *HELD_OUT_METRICS)):
         return None
     metric_keys = [key for key in HELD_OUT_METRICS if key in series]
     has_loss = "loss" in series or "eval_loss" in series
@@ -239,11 +252,14 @@ def plot_training(log_history: Sequence[dict], out_path: str) -> str | None:
             label, color, marker = style[key]
             steps, values = series[key]
             ax.plot(steps, values, color=color, marker=marker, markersize=3, linewidth=1.2, label=label)
+            chance_key, chance_label = CHANCE_LINES.get(key, (None, None))
+            if chance_key in series:  # the same held-out split every time: one level
+                ax.axhline(series[chance_key][1][-1], color=color, linestyle="--", linewidth=1,
+                           label=f"{chance_label}: {series[chance_key][1][-1]:.3f}")
         ax.set(xlabel="step", ylabel=ylabel, title=title)
         ax.set_xlim(left=0)  # both panels on the run's step axis, even with one evaluation at the end
         if keys is metric_keys:
             ax.set_ylim(0, 1)  # the full range, so a small wobble does not look like a trend
         # Trained metrics sit near the top of [0, 1]: keep the legend off them.
         ax.legend(fontsize=7, loc="lower right" if keys is metric_keys else "best")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    return _save(fig, out_path)
+    return fig

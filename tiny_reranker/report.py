@@ -97,7 +97,7 @@ def build_report(df: pd.DataFrame, logits: np.ndarray, probs: np.ndarray, temper
 def temperature_line(temperature: dict) -> str:
     t = temperature
     if t["value"] is None:
-        return "temperature: none stored, raw logits (train.py --calibrate fits one)"
+        return "temperature: none stored, raw logits (train.py fits one on its held-out split unless --no_calibrate)"
     if t["applied"]:
         return (f"temperature: T={t['value']:.4f} from {t['source']}, applied: P = softmax(logits / T) "
                 "(--no_temperature scores the raw logits)")

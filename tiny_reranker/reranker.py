@@ -84,7 +84,7 @@ class Reranker:
         ``"bf16"`` or ``"auto"``/None (bf16 on CUDA and on CPUs with native bf16, else fp32; the
         same rule as ``eval.py``). ``batch_size`` / ``max_batch_tokens``: the most pairs / padded
         tokens per forward pass. ``temperature``: None applies the one stored with the model
-        (``train.py --calibrate``; 1 when there is none); 1.0 scores the raw logits.
+        (train.py fits one by default; 1 when there is none); 1.0 scores the raw logits.
         Missing folders raise :class:`ESCIDataError`.
         """
         check_model_paths(base_model, lora_model)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers import EvalPrediction, ProgressCallback, Trainer, TrainerCallback
 
 from esci_dataset import PromptEncoder, PromptTemplate
 from tiny_reranker import compat
@@ -55,9 +55,20 @@ def held_out_metrics(groups) -> Callable[[EvalPrediction], dict[str, float]]:
         ndcg = task1_ranking_ndcg(groups, labels, scores_from_probs(softmax(logits)))
         if ndcg is not None:  # None when no held-out query has a relevant item
             metrics["ndcg"], metrics["ndcg_random"] = ndcg, random_order_ndcg(groups, labels)  # and its chance line
+        compute_metrics.last = (logits, labels)  # the newest evaluation's logits: calibration reuses them
         return metrics
 
+    compute_metrics.last = None
+
     return compute_metrics
+
+
+class TrainingBarOnly(ProgressCallback):
+    """The Trainer's progress bar without its held-out bars: nested in the training bar, they leave raw cursor
+    escapes (``[A``) in logs, and each held-out evaluation logs its result anyway."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        return
 
 
 class LabelHeadTrainer(compat.SequentialEvalSampler, Trainer):
@@ -77,6 +88,8 @@ class LabelHeadTrainer(compat.SequentialEvalSampler, Trainer):
         super().__init__(*args, **kwargs)
         compat.disable_loss_kwargs(self)  # the base __init__ inspects the model and sets it again
         self.prefix_ids = list(prefix_ids)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(TrainingBarOnly)
 
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

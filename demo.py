@@ -17,7 +17,14 @@ import shutil
 import pyarrow.parquet as pq
 
 from esci_dataset import ESCIDataError
-from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, is_model_file_name, positive_int
+from tiny_reranker.cli import (
+    ArgumentParser,
+    HelpFormatter,
+    check_output_dir,
+    cli_error,
+    is_model_file_name,
+    positive_int,
+)
 from tiny_reranker.demo_model import build_tiny_model, write_demo_data
 
 

@@ -38,7 +38,15 @@ import uuid
 import torch
 
 from esci_dataset import LABELS, ESCIDataError
-from tiny_reranker.cli import ArgumentParser, HelpFormatter, check_output_dir, cli_error, folder_relation, is_model_file_name, set_up_logging
+from tiny_reranker.cli import (
+    ArgumentParser,
+    HelpFormatter,
+    check_output_dir,
+    cli_error,
+    folder_relation,
+    is_model_file_name,
+    set_up_logging,
+)
 from tiny_reranker.contract import (
     PROMPT_FILE,
     prompt_spec,

@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
 # ---------------------------------------------------------------------------
@@ -430,19 +431,21 @@ def validate_query_ids(ids: pd.Series, path: str) -> None:
                             + "; every row needs its query's id (or drop the column to group rows by the query text)")
 
 
-def read_table(path: str) -> pd.DataFrame:
+def read_table(path: str, skip: Sequence[str] = ()) -> pd.DataFrame:
     """Read a parquet file, a ``.csv`` one (:func:`read_csv_strict`) or a ``.jsonl`` one (predict.py's strict JSON
-    lines reader), turning every way it can fail into :class:`ESCIDataError`."""
+    lines reader), turning every way it can fail into :class:`ESCIDataError`. ``skip``: columns not to read
+    (parquet never reads them; the text formats drop them after reading)."""
     if not os.path.exists(path):
         raise ESCIDataError(f"{path}: file not found")
     if path.lower().endswith(".csv"):
-        return read_csv_strict(path)
+        return read_csv_strict(path).drop(columns=list(skip), errors="ignore")
     if path.lower().endswith(".jsonl"):
         from tiny_reranker.pairs import read_jsonl_file  # lazy: tiny_reranker imports this module
 
-        return pd.DataFrame(read_jsonl_file(path))
+        return pd.DataFrame(read_jsonl_file(path)).drop(columns=list(skip), errors="ignore")
     try:
-        return pd.read_parquet(path)
+        columns = [name for name in pq.read_schema(path).names if name not in skip] if skip else None
+        return pd.read_parquet(path, columns=columns)
     except Exception as exc:  # pyarrow raises many types for unreadable files
         raise ESCIDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
 
@@ -492,30 +495,43 @@ def require_columns(df: pd.DataFrame, columns: Sequence[str], path: str) -> None
         )
 
 
-def load_esci_parquet(path: str, require_labels: bool = True) -> pd.DataFrame:
+def load_esci_parquet(path: str, require_labels: bool = True, with_item_text: bool = True) -> pd.DataFrame:
     """Load and validate an ESCI parquet file.
 
     Required columns: ``query``, ``item_text`` and (unless ``require_labels`` is
     False) ``esci_label``, which is normalized to ``E/S/C/I``. Extra columns
     (``query_id``, ``product_id``, ``product_locale``, ...) are kept. Row order is
     preserved and the index reset to 0..n-1. Raises :class:`ESCIDataError`.
+
+    ``with_item_text=False`` leaves out ``item_text``, by far the largest column (train.py reads it only
+    when its tokenized cache is missing: :func:`attach_item_text`).
     """
     path = str(path)
     if not os.path.exists(path):
         raise ESCIDataError(f"{path}: file not found. prepare_esci.py makes the train and test parquet files from "
                             "the official ESCI release (README: Data preparation)")
-    df = read_table(path).reset_index(drop=True)
+    df = read_table(path, skip=() if with_item_text else ("item_text",)).reset_index(drop=True)
     required = REQUIRED_COLUMNS if require_labels else REQUIRED_COLUMNS[:2]
-    require_columns(df, required, path)
+    require_columns(df, [c for c in required if with_item_text or c != "item_text"], path)
     if len(df) == 0:
         raise ESCIDataError(f"{path}: the file has no rows")
-    for column in ("query", "item_text"):
+    for column in ("query", "item_text") if with_item_text else ("query",):
         df[column] = validate_text_column(df, column, path)
     if "query_id" in df.columns:
         validate_query_ids(df["query_id"], path)
     if "esci_label" in df.columns and (require_labels or df["esci_label"].notna().any()):
         df["esci_label"] = normalize_labels(df["esci_label"], path)
     return df
+
+
+def attach_item_text(df: pd.DataFrame, path: str) -> pd.DataFrame:
+    """``df`` (rows of ``path`` read without their item_text, index = the file's row numbers) with its rows'
+    ``item_text``, validated as :func:`load_esci_parquet` validates it."""
+    text = read_table(path, skip=[c for c in df.columns if c != "item_text"]).reset_index(drop=True)
+    require_columns(text, ["item_text"], path)
+    if len(text) <= (df.index.max() if len(df) else -1):
+        raise ESCIDataError(f"{path}: the file changed while it was read (it has {len(text)} rows now)")
+    return df.assign(item_text=validate_text_column(text.loc[df.index], "item_text", path))
 
 
 def query_groups(df: pd.DataFrame) -> pd.Series:

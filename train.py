@@ -27,6 +27,7 @@ from esci_dataset import (
     NDCG_GAINS,
     ESCIDataError,
     PromptEncoder,
+    attach_item_text,
     build_template,
     check_instruction_is_text,
     label_token_ids,
@@ -47,7 +48,7 @@ from tiny_reranker.cli import (
 )
 from tiny_reranker.compat import optimizer_names
 from tiny_reranker.contract import save_run_contract
-from tiny_reranker.data_cache import tokenize_split
+from tiny_reranker.data_cache import cache_folder, tokenize_split
 from tiny_reranker.io import read_json_object, write_json
 from tiny_reranker.model_files import check_model_paths
 from tiny_reranker.modeling import (
@@ -234,8 +235,10 @@ def prepare_run(args: argparse.Namespace, is_main: bool, run_config: dict) -> st
 
 
 def load_training_data(args: argparse.Namespace):
-    """``(train_df, eval_df)``: the validated parquet, split by query (no query on both sides)."""
-    train_df, eval_df = split_by_query(load_esci_parquet(args.train_file), args.eval_ratio, args.seed)
+    """``(train_df, eval_df)``: the validated parquet, split by query (no query on both sides), without item_text
+    (:func:`with_texts_to_tokenize` reads it where the tokenized cache does not hold the split yet)."""
+    train_df, eval_df = split_by_query(load_esci_parquet(args.train_file, with_item_text=False), args.eval_ratio,
+                                       args.seed)
     logger.info("train rows %d, eval rows %d (split by query, seed %d)", len(train_df), len(eval_df), args.seed)
     if args.max_train_samples is not None and args.max_train_samples < len(train_df):
         logger.info("--max_train_samples %d: training on a random sample of %d of the %d training rows (%d left out)",
@@ -255,9 +258,20 @@ def load_training_data(args: argparse.Namespace):
     return train_df, eval_df
 
 
+def with_texts_to_tokenize(train_df, eval_df, encoder: PromptEncoder, args: argparse.Namespace):
+    """The splits, each with its item_text read (and validated) only when its tokenized cache is missing: training
+    from the cache never holds the training file's text in memory (~2.5 KB a row of ESCI)."""
+    def needed(df, split):
+        return len(df) and not os.path.isdir(cache_folder(df, encoder, split, args.train_file, args.output_dir))
+
+    return tuple(attach_item_text(df, args.train_file) if needed(df, split) else df
+                 for df, split in ((train_df, "train"), (eval_df, "eval")))
+
+
 def tokenize_splits(train_df, eval_df, encoder: PromptEncoder, args: argparse.Namespace):
     """``(train_ds, eval_ds or None)``, tokenized into the Arrow cache under ``--output_dir/.tokenized``."""
-    cache = dict(source=args.train_file, output_dir=args.output_dir, num_proc=args.preprocessing_num_workers)
+    cache = dict(source=args.train_file, output_dir=args.output_dir, num_proc=args.preprocessing_num_workers,
+                 add_texts=lambda df: attach_item_text(df, args.train_file))  # a damaged cache is rebuilt
     train_ds = tokenize_split(train_df, encoder, "train", **cache)
     eval_ds = tokenize_split(eval_df, encoder, "eval", **cache) if len(eval_df) else None
     return train_ds, eval_ds
@@ -394,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         check_instruction_is_text(args.instruction, tokenizer)
         encoder = PromptEncoder(tokenizer, args.max_length, build_template(args.instruction or INSTRUCT))
         label_ids = label_token_ids(tokenizer)
+        train_df, eval_df = with_texts_to_tokenize(train_df, eval_df, encoder, args)  # bad item_text: before the model
         model = load_base(args, lambda path: load_base_model(path, dtype, args.no_flash_attn))
         model.config.use_cache = False
         with targs.main_process_first(desc="tokenization"):

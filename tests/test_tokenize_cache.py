@@ -161,3 +161,45 @@ def test_a_killed_runs_temp_build_is_removed_and_no_other(tmp_path):
     (tmp_path / "train-abc").mkdir()  # a finished cache
     remove_abandoned_builds(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-train-alive", ".tmp-train-elsewhere", "train-abc"]
+
+
+def test_a_warm_cache_trains_without_reading_item_text_and_a_damaged_one_reads_it(qwen3_tokenizer, demo_data, tmp_path,
+                                                                                  monkeypatch):
+    """train.py reads the file without item_text (the bulk of ESCI's bytes), and reads it only to build a split."""
+    from esci_dataset import attach_item_text
+
+    source, out = str(tmp_path / "train.parquet"), str(tmp_path / "out")
+    pd.read_parquet(demo_data[0]).head(60).to_parquet(source, index=False)
+    keys = load_esci_parquet(source, with_item_text=False)
+    assert "item_text" not in keys.columns and list(keys.index) == list(range(60))
+    reads = []
+
+    def add_texts(df):
+        reads.append(len(df))
+        return attach_item_text(df, source)
+
+    rows = keys.iloc[10:50]
+    built = tokenize_split(rows, PromptEncoder(qwen3_tokenizer, 160), "train", source, out, add_texts=add_texts)
+    cached = tokenize_split(rows, PromptEncoder(qwen3_tokenizer, 160), "train", source, out, add_texts=add_texts)
+    assert reads == [40] and cached["input_ids"][:] == built["input_ids"][:]
+    full = tokenize_split(load_esci_parquet(source).iloc[10:50], PromptEncoder(qwen3_tokenizer, 160), "train", source,
+                          str(tmp_path / "plain"))
+    assert full["input_ids"][:] == built["input_ids"][:]  # the texts read later are the same rows' texts
+    (name,) = _cache_folders(out)
+    folder = os.path.join(out, CACHE_DIRNAME, name)
+    for file in os.listdir(folder):
+        if file.endswith(".arrow"):
+            os.remove(os.path.join(folder, file))
+    rebuilt = tokenize_split(rows, PromptEncoder(qwen3_tokenizer, 160), "train", source, out, add_texts=add_texts)
+    assert reads == [40, 40] and rebuilt["input_ids"][:] == built["input_ids"][:]
+
+
+def test_a_blank_item_text_read_later_is_still_named_by_file_row(tmp_path):
+    from esci_dataset import ESCIDataError, attach_item_text
+
+    source = str(tmp_path / "t.parquet")
+    pd.DataFrame({"query": ["a", "b", "c"], "item_text": ["x", " ", "z"], "esci_label": ["E", "S", "I"]}).to_parquet(source)
+    keys = load_esci_parquet(source, with_item_text=False)
+    assert attach_item_text(keys.iloc[[0, 2]], source)["item_text"].tolist() == ["x", "z"]
+    with pytest.raises(ESCIDataError, match=r"t.parquet.*'item_text'.*row 1"):
+        attach_item_text(keys, source)

@@ -31,6 +31,7 @@ import shutil
 import socket
 import time
 import uuid
+from typing import Callable
 
 import datasets as datasets_progress  # its module-level progress-bar switches
 import pandas as pd
@@ -211,16 +212,24 @@ def load_split(folder: str, encoder: PromptEncoder) -> TokenizedSplit:
     return split
 
 
+def cache_folder(df: pd.DataFrame, encoder: PromptEncoder, split: str, source: str, output_dir: str) -> str:
+    """Where ``df``'s split is (or will be) cached. It depends on ``df``'s rows, not on its columns, so it can be
+    found before the item texts are read: a cache hit never needs them."""
+    return os.path.join(output_dir, CACHE_DIRNAME, f"{split}-{split_fingerprint(df, source, encoder)}")
+
+
 def tokenize_split(df: pd.DataFrame, encoder: PromptEncoder, split: str, source: str, output_dir: str,
-                   num_proc: int | None = None) -> TokenizedSplit:
+                   num_proc: int | None = None,
+                   add_texts: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> TokenizedSplit:
     """``df``'s pairs as a ``datasets.Dataset`` of ``input_ids``, ``labels`` and ``length``, from the cache.
 
     ``source``: the file ``df`` was read from (its identity is part of the cache key). ``split``:
     a name for the folder and the logs. ``num_proc``: ``map`` workers when the cache has to be
     built (default :func:`default_num_proc`). The split's rows and cut items are counted into
-    ``encoder``, also on a cache hit, so ``encoder.truncation_warning()`` covers them.
+    ``encoder``, also on a cache hit, so ``encoder.truncation_warning()`` covers them. ``add_texts``: for a
+    ``df`` read without its item_text, returns it with them (called only when the split has to be built).
     """
-    folder = os.path.join(output_dir, CACHE_DIRNAME, f"{split}-{split_fingerprint(df, source, encoder)}")
+    folder = cache_folder(df, encoder, split, source, output_dir)
     if os.path.isdir(folder):
         try:
             loaded = load_split(folder, encoder)
@@ -230,6 +239,8 @@ def tokenize_split(df: pd.DataFrame, encoder: PromptEncoder, split: str, source:
             logger.warning("the tokenized cache %s is damaged (%s: %s); rebuilding it", folder, type(exc).__name__,
                            str(exc).splitlines()[0] if str(exc) else "")
             shutil.rmtree(folder, ignore_errors=True)
+    if "item_text" not in df.columns:
+        df = add_texts(df)
     num_proc = num_proc or default_num_proc(len(df))
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     start = time.perf_counter()

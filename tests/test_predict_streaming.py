@@ -201,3 +201,32 @@ def test_a_full_disk_mid_run_keeps_the_complete_chunks_and_says_resume(model_arg
     assert "--resume" in err
     monkeypatch.setattr(predict_cli, "write_output", real)
     assert predict_cli.main([*argv, "--resume"]) == 0 and len(pd.read_csv(out)) == len(pd.read_csv(pairs / "in.csv"))
+
+
+def test_torchrun_scores_chunks_in_order_and_resumes_a_partial_output(model_args, pairs, tmp_path, monkeypatch):
+    """A partial output left by a killed run (here a one-process run, 3 of 6 chunks done) is resumed under torchrun:
+    each rank scores its share of every remaining chunk, rank 0 writes them in order, and the result equals one
+    unchunked process."""
+    from tests.conftest import ROOT, run_torchrun
+
+    source, single = str(pairs / "in.parquet"), str(tmp_path / "single.parquet")
+    assert predict_cli.main([*model_args, "--input", source, "--output", single]) == 0
+
+    out = str(tmp_path / "resumed.parquet")
+    argv = [*model_args, "--input", source, "--output", out, "--chunk_size", "4"]
+    calls, real = [], Reranker.predict_logits
+
+    def killed_in_chunk_4(self, queries, items, progress=False):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(self, queries, items, progress)
+
+    monkeypatch.setattr(Reranker, "predict_logits", killed_in_chunk_4)
+    with pytest.raises(KeyboardInterrupt):
+        predict_cli.main(argv)
+    assert json.load(open(os.path.join(out + PARTIAL_SUFFIX, STATE_NAME)))["chunks_done"] == 3
+    proc = run_torchrun(os.path.join(ROOT, "predict.py"), *argv, "--resume", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same(pd.read_parquet(out), pd.read_parquet(single))
+    assert not os.path.exists(out + PARTIAL_SUFFIX)

@@ -15,21 +15,14 @@ import pytest
 import prepare_esci
 from esci_dataset import PromptEncoder, load_esci_parquet
 from prepare_esci import OUTPUT_SCHEMA, build_item_text, clean_text, cut_at_word, main
+from tiny_reranker.esci_release import EXAMPLES_SCHEMA, PRODUCTS_SCHEMA
+from tiny_reranker.esci_release import write_release as write_synthetic_release
 
 NAN = float("nan")
 
 # ---------------------------------------------------------------------------
 # Fixture: the official schema and dtypes, every awkward case once
 # ---------------------------------------------------------------------------
-EXAMPLES_SCHEMA = pa.schema([
-    ("example_id", pa.int64()), ("query", pa.string()), ("query_id", pa.int64()), ("product_id", pa.string()),
-    ("product_locale", pa.string()), ("esci_label", pa.string()), ("small_version", pa.int64()),
-    ("large_version", pa.int64()), ("split", pa.string()),
-])
-PRODUCTS_SCHEMA = pa.schema([(name, pa.string()) for name in (
-    "product_id", "product_title", "product_description", "product_bullet_point",
-    "product_brand", "product_color", "product_locale")])
-
 EXAMPLES = [  # example_id, query, query_id, product_id, locale, label, small, large, split
     (1, "iphone 12 case", 1, "P1", "us", "E", 1, 1, "train"),
     (2, "iphone 12 case", 1, "P2", "us", "S", 0, 1, "train"),   # product has no title
@@ -331,3 +324,23 @@ def test_locale_all_keeps_the_same_pair_in_two_locales(esci_dir, tmp_path):
 def test_a_tiny_max_item_chars_is_warned_not_silent(esci_dir, tmp_path, caplog):
     code, summary = run(esci_dir, tmp_path / "out", "--max_item_chars", "1")
     assert code == 0 and "--max_item_chars 1 cuts most item texts short" in caplog.text
+
+
+def test_the_synthetic_release_is_read_like_the_official_one_with_no_problem(tmp_path):
+    """scripts/make_synthetic_release.py's files: the official schema, the release's label mix and splits, no
+    repeated pair or missing product; prepare_esci.py reads them with every problem count at 0."""
+    info = write_synthetic_release(str(tmp_path / "rel"), fraction=0.002, seed=3)
+    assert info["examples"] == sum(v["examples"] for v in info["by_locale"].values()) == 5243
+    for name, schema in ((prepare_esci.EXAMPLES_FILE, EXAMPLES_SCHEMA), (prepare_esci.PRODUCTS_FILE, PRODUCTS_SCHEMA)):
+        assert pq.read_schema(tmp_path / "rel" / name).remove_metadata().equals(schema)
+    code, summary = run(str(tmp_path / "rel"), tmp_path / "out", "--locale", "all", "--with_source")
+    assert code == 0
+    assert {k: v for k, v in summary["problems"].items() if k not in ("empty_title", "empty_item_text")} == dict.fromkeys(
+        ["unknown_label", "unknown_split", "blank_query", "duplicate_pair", "duplicate_product", "missing_product",
+         "missing_source"], 0)
+    rows = sum(s["rows"] for s in summary["splits"].values())
+    labels = {k: sum(s["labels"][k] for s in summary["splits"].values()) / rows for k in "ESCI"}
+    assert labels["E"] == pytest.approx(0.652, abs=0.03) and labels["C"] == pytest.approx(0.029, abs=0.01)
+    assert summary["splits"]["test"]["rows"] / rows == pytest.approx(0.234, abs=0.05)
+    train = read_split(tmp_path / "out", "train")
+    assert train["item_text"].str.len().mean() > 300  # catalog-length text, not stubs

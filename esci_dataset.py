@@ -431,20 +431,24 @@ def validate_query_ids(ids: pd.Series, path: str) -> None:
                             + "; every row needs its query's id (or drop the column to group rows by the query text)")
 
 
-def read_table(path: str, skip: Sequence[str] = ()) -> pd.DataFrame:
+def read_table(path: str, only: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a parquet file, a ``.csv`` one (:func:`read_csv_strict`) or a ``.jsonl`` one (predict.py's strict JSON
-    lines reader), turning every way it can fail into :class:`ESCIDataError`. ``skip``: columns not to read
-    (parquet never reads them; the text formats drop them after reading)."""
+    lines reader), turning every way it can fail into :class:`ESCIDataError`. ``only``: the columns to keep,
+    those the file has (parquet reads no other; the text formats drop the others after reading)."""
     if not os.path.exists(path):
         raise ESCIDataError(f"{path}: file not found")
+
+    def kept(df: pd.DataFrame) -> pd.DataFrame:
+        return df if only is None else df[[c for c in df.columns if c in only]]
+
     if path.lower().endswith(".csv"):
-        return read_csv_strict(path).drop(columns=list(skip), errors="ignore")
+        return kept(read_csv_strict(path))
     if path.lower().endswith(".jsonl"):
         from tiny_reranker.pairs import read_jsonl_file  # lazy: tiny_reranker imports this module
 
-        return pd.DataFrame(read_jsonl_file(path)).drop(columns=list(skip), errors="ignore")
+        return kept(pd.DataFrame(read_jsonl_file(path)))
     try:
-        columns = [name for name in pq.read_schema(path).names if name not in skip] if skip else None
+        columns = None if only is None else [name for name in pq.read_schema(path).names if name in only]
         return pd.read_parquet(path, columns=columns)
     except Exception as exc:  # pyarrow raises many types for unreadable files
         raise ESCIDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
@@ -495,7 +499,10 @@ def require_columns(df: pd.DataFrame, columns: Sequence[str], path: str) -> None
         )
 
 
-def load_esci_parquet(path: str, require_labels: bool = True, with_item_text: bool = True) -> pd.DataFrame:
+TRAINING_KEYS = ("query", "query_id", "esci_label")  # what splitting, sampling and held-out nDCG read
+
+
+def load_esci_parquet(path: str, require_labels: bool = True, keys_only: bool = False) -> pd.DataFrame:
     """Load and validate an ESCI parquet file.
 
     Required columns: ``query``, ``item_text`` and (unless ``require_labels`` is
@@ -503,19 +510,19 @@ def load_esci_parquet(path: str, require_labels: bool = True, with_item_text: bo
     (``query_id``, ``product_id``, ``product_locale``, ...) are kept. Row order is
     preserved and the index reset to 0..n-1. Raises :class:`ESCIDataError`.
 
-    ``with_item_text=False`` leaves out ``item_text``, by far the largest column (train.py reads it only
-    when its tokenized cache is missing: :func:`attach_item_text`).
+    ``keys_only`` reads just :data:`TRAINING_KEYS` (those present): no ``item_text``, by far the largest
+    column, which train.py reads only for a split its tokenized cache lacks (:func:`attach_item_text`).
     """
     path = str(path)
     if not os.path.exists(path):
         raise ESCIDataError(f"{path}: file not found. prepare_esci.py makes the train and test parquet files from "
                             "the official ESCI release (README: Data preparation)")
-    df = read_table(path, skip=() if with_item_text else ("item_text",)).reset_index(drop=True)
+    df = read_table(path, only=TRAINING_KEYS if keys_only else None).reset_index(drop=True)
     required = REQUIRED_COLUMNS if require_labels else REQUIRED_COLUMNS[:2]
-    require_columns(df, [c for c in required if with_item_text or c != "item_text"], path)
+    require_columns(df, [c for c in required if not keys_only or c != "item_text"], path)
     if len(df) == 0:
         raise ESCIDataError(f"{path}: the file has no rows")
-    for column in ("query", "item_text") if with_item_text else ("query",):
+    for column in ("query",) if keys_only else ("query", "item_text"):
         df[column] = validate_text_column(df, column, path)
     if "query_id" in df.columns:
         validate_query_ids(df["query_id"], path)
@@ -527,7 +534,7 @@ def load_esci_parquet(path: str, require_labels: bool = True, with_item_text: bo
 def attach_item_text(df: pd.DataFrame, path: str) -> pd.DataFrame:
     """``df`` (rows of ``path`` read without their item_text, index = the file's row numbers) with its rows'
     ``item_text``, validated as :func:`load_esci_parquet` validates it."""
-    text = read_table(path, skip=[c for c in df.columns if c != "item_text"]).reset_index(drop=True)
+    text = read_table(path, only=["item_text"]).reset_index(drop=True)
     require_columns(text, ["item_text"], path)
     if len(text) <= (df.index.max() if len(df) else -1):
         raise ESCIDataError(f"{path}: the file changed while it was read (it has {len(text)} rows now)")

@@ -237,7 +237,7 @@ def prepare_run(args: argparse.Namespace, is_main: bool, run_config: dict) -> st
 def load_training_data(args: argparse.Namespace):
     """``(train_df, eval_df)``: the validated parquet, split by query (no query on both sides), without item_text
     (:func:`with_texts_to_tokenize` reads it where the tokenized cache does not hold the split yet)."""
-    train_df, eval_df = split_by_query(load_esci_parquet(args.train_file, with_item_text=False), args.eval_ratio,
+    train_df, eval_df = split_by_query(load_esci_parquet(args.train_file, keys_only=True), args.eval_ratio,
                                        args.seed)
     logger.info("train rows %d, eval rows %d (split by query, seed %d)", len(train_df), len(eval_df), args.seed)
     if args.max_train_samples is not None and args.max_train_samples < len(train_df):

@@ -170,8 +170,8 @@ def test_a_warm_cache_trains_without_reading_item_text_and_a_damaged_one_reads_i
 
     source, out = str(tmp_path / "train.parquet"), str(tmp_path / "out")
     pd.read_parquet(demo_data[0]).head(60).to_parquet(source, index=False)
-    keys = load_esci_parquet(source, with_item_text=False)
-    assert "item_text" not in keys.columns and list(keys.index) == list(range(60))
+    keys = load_esci_parquet(source, keys_only=True)
+    assert sorted(keys.columns) == ["esci_label", "query", "query_id"] and list(keys.index) == list(range(60))
     reads = []
 
     def add_texts(df):
@@ -199,7 +199,7 @@ def test_a_blank_item_text_read_later_is_still_named_by_file_row(tmp_path):
 
     source = str(tmp_path / "t.parquet")
     pd.DataFrame({"query": ["a", "b", "c"], "item_text": ["x", " ", "z"], "esci_label": ["E", "S", "I"]}).to_parquet(source)
-    keys = load_esci_parquet(source, with_item_text=False)
+    keys = load_esci_parquet(source, keys_only=True)
     assert attach_item_text(keys.iloc[[0, 2]], source)["item_text"].tolist() == ["x", "z"]
     with pytest.raises(ESCIDataError, match=r"t.parquet.*'item_text'.*row 1"):
         attach_item_text(keys, source)

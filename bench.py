@@ -24,6 +24,7 @@ batches: ``max_memory_allocated`` on CUDA, sampled process RSS on CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -33,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from esci_dataset import LABELS, ESCIDataError, PromptEncoder, label_token_ids
+from esci_dataset import LABELS, ESCIDataError, PromptEncoder, label_token_ids, render_prompt
 from tiny_reranker import compat
 from tiny_reranker.benchmark import (
     PeakMemory,
@@ -76,6 +77,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict_memory", type=str, default=None, metavar="N1,N2",
                    help="instead: predict.py's peak memory on N1 and on N2 pairs of ~2 KB items (fresh processes, "
                         "interleaved --repeats), and how much it grows; e.g. 5000,40000")
+    p.add_argument("--vllm_python", type=str, default=os.environ.get("TINY_RERANKER_VLLM_PYTHON"),
+                   help="also time vLLM's classify on a seq_cls export of the same model against Reranker.predict_probs "
+                        "(same pairs, dtype and threads, interleaved), with this venv's python (default: "
+                        "$TINY_RERANKER_VLLM_PYTHON; scripts/check_vllm.sh builds one in .venv-vllm)")
     p.add_argument("--reference_process", action="store_true", help=argparse.SUPPRESS)  # internal: one reference run
     p.add_argument("--eval_file", type=str, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max_length", type=int, default=512, help=argparse.SUPPRESS)
@@ -256,6 +261,62 @@ def whole_process_benchmark(model, tokenizer, queries, items, args, workdir) -> 
 
 
 # ---------------------------------------------------------------------------
+# vLLM: the serving engine users would pick, on a seq_cls export of the same model
+# ---------------------------------------------------------------------------
+def vllm_benchmark(model, tokenizer, queries, items, label_ids, args, workdir) -> tuple[dict, list[str]]:
+    """Interleaved repeats of ``Reranker.predict_probs`` (eval.py's path) and vLLM's offline ``classify`` on a
+    seq_cls export of ``model``: same pairs, dtype and thread count; scoring time only, plus each start-up."""
+    from export import save_export, seq_cls_from_causal_lm
+    from tiny_reranker.vllm_engine import VllmProcess
+
+    dtype = next(model.parameters()).dtype
+    detach_label_head(model)
+    causal_dir, seq_cls_dir = os.path.join(workdir, "vllm-causal"), os.path.join(workdir, "vllm-seq_cls")
+    model.save_pretrained(causal_dir)
+    tokenizer.save_pretrained(causal_dir)
+    seq_cls = seq_cls_from_causal_lm(model.float().cpu(), label_ids, tokenizer.pad_token_id).to(dtype)
+    model.to(dtype)
+    save_export(seq_cls, tokenizer, label_ids, causal_dir, causal_dir, seq_cls_dir, bf16=False, folded=True)
+    del seq_cls
+    prompts = os.path.join(workdir, "vllm-prompts.json")
+    with open(prompts, "w") as f:  # what a client sends: the template filled in, as the README shows
+        json.dump([render_prompt(q, d) for q, d in zip(queries, items)], f)
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    reranker = Reranker.from_pretrained(causal_dir, device=str(next(model.parameters()).device), dtype=args.dtype)
+    ours_startup = time.perf_counter() - start
+    engine = VllmProcess(args.vllm_python, seq_cls_dir, prompts, str(dtype), os.path.join(workdir, "vllm.log"), threads)
+    times, probs = {"ours": [], "vllm": []}, {}
+    try:
+        for rep in range(args.repeats):  # alternate which side goes first
+            for side in (("ours", "vllm") if rep % 2 == 0 else ("vllm", "ours")):
+                if side == "vllm":
+                    reply = engine.run()
+                    times["vllm"].append(reply["seconds"])
+                    probs["vllm"] = np.asarray(reply["probs"])
+                else:
+                    start = time.perf_counter()
+                    probs["ours"] = reranker.predict_probs(queries, items)
+                    times["ours"].append(time.perf_counter() - start)
+    finally:
+        engine.close()
+    med = {side: statistics.median(t) for side, t in times.items()}
+    n = len(queries)
+    out = {"seconds": times, "median_s": med, "pairs_per_s": {k: n / v for k, v in med.items()},
+           "startup_s": {"ours": ours_startup, "vllm": engine.startup_seconds}, "threads": threads,
+           "speedup_vs_vllm": med["vllm"] / med["ours"],
+           "speedup_vs_vllm_per_repeat": [v / o for v, o in zip(times["vllm"], times["ours"])],
+           "max_prob_diff": float(np.abs(probs["vllm"] - probs["ours"]).max())}
+    print(f"\n{'scoring side':<24}{'pairs/s':>10}{'median s':>10}{'spread s':>10}{'start-up s':>12}  ({threads} threads)")
+    for side in times:
+        print(f"{side:<24}{n / med[side]:>10.2f}{med[side]:>10.2f}{max(times[side]) - min(times[side]):>10.2f}"
+              f"{out['startup_s'][side]:>12.1f}")
+    print(f"max |prob difference| ours vs vLLM: {out['max_prob_diff']:.2e}")
+    return out, [f"eval_speedup_vs_vllm: {out['speedup_vs_vllm']:.2f}   per repeat "
+                 + ", ".join(f"{r:.2f}" for r in out["speedup_vs_vllm_per_repeat"])]
+
+
+# ---------------------------------------------------------------------------
 # predict.py's memory as the input grows (issue 21: bounded by the chunk, not the input)
 # ---------------------------------------------------------------------------
 def predict_memory_benchmark(args, workdir: str) -> int:
@@ -346,6 +407,11 @@ def run_benchmarks(args, workdir: str) -> int:
                                                                                 workdir)
         attach_label_head(model, label_ids)
         lines += process_lines
+
+    if args.vllm_python:
+        results["vllm"], vllm_lines = vllm_benchmark(model, tokenizer, queries, items, label_ids, args, workdir)
+        attach_label_head(model, label_ids)
+        lines += vllm_lines
 
     if not args.skip_train:
         model.train()

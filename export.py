@@ -12,7 +12,8 @@
 
     python export.py --base_model Qwen/Qwen3-0.6B --lora_model outputs/lora --output_dir export/seq_cls --format seq_cls
 
-Both folders also hold the tokenizer, reranker_config.json and reranker_prompt.json. The
+Both folders also hold the tokenizer, reranker_config.json, reranker_prompt.json and serving.json (how to
+serve the folder with vLLM: runner, hf_overrides for merged, the temperature the client applies). The
 merge runs in float32 on the CPU; --bf16 only casts the saved weights. The folder appears
 complete or not at all (written to a temp folder, then renamed).
 
@@ -58,6 +59,7 @@ from tiny_reranker.contract import (
 from tiny_reranker.io import write_json
 from tiny_reranker.model_files import check_model_paths
 from tiny_reranker.modeling import detach_label_head, load_reranker
+from tiny_reranker.serving import SERVING_FILE, serving_spec
 
 logger = logging.getLogger("export")
 
@@ -121,9 +123,11 @@ def seq_cls_from_causal_lm(causal_lm, label_ids: list[int], pad_token_id: int, t
 
 
 def save_export(model, tokenizer, label_ids: list[int], base_model: str, lora_model: str, folder: str, bf16: bool,
-                temperature: float | None = None, folded: bool = False) -> None:
+                temperature: float | None = None, folded: bool = False, served_as: str | None = None) -> None:
     """Weights, tokenizer, the adapter's own prompt (its stored template) and its temperature, so the export
-    scores as the adapter does. ``folded``: the temperature is already in the weights (seq_cls)."""
+    scores as the adapter does, and how to serve it with vLLM (``serving.json``). ``folded``: the temperature
+    is already in the weights (seq_cls). ``served_as``: the path serving.json's commands name (the final folder,
+    not the temp one ``folder`` may be)."""
     if bf16:
         model.to(torch.bfloat16)
     model.save_pretrained(folder)
@@ -136,6 +140,10 @@ def save_export(model, tokenizer, label_ids: list[int], base_model: str, lora_mo
     save_reranker_config(folder, tokenizer, base_model, template, instruction, to_apply, extra)
     write_json(os.path.join(folder, PROMPT_FILE),
                {**prompt_spec(tokenizer, label_ids, template, instruction, to_apply or 1.0), **extra})
+    fmt = "seq_cls" if folded or "ForSequenceClassification" in type(model).__name__ else "merged"
+    write_json(os.path.join(folder, SERVING_FILE),
+               serving_spec(fmt, served_as or folder, type(model).__name__, tokenizer.convert_ids_to_tokens(label_ids),
+                            to_apply))
 
 
 def publish(tmp_dir: str, output_dir: str) -> list[str]:
@@ -219,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp_dir = os.path.join(parent, f".{os.path.basename(os.path.abspath(args.output_dir))}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         os.makedirs(parent, exist_ok=True)
-        save_export(model, tokenizer, label_ids, args.base_model, args.lora_model, tmp_dir, args.bf16, temperature, folded)
+        save_export(model, tokenizer, label_ids, args.base_model, args.lora_model, tmp_dir, args.bf16, temperature, folded,
+                    served_as=args.output_dir)
         removed = publish(tmp_dir, args.output_dir)
     except OSError as exc:  # e.g. a full disk: the old folder, if any, is untouched
         return cli_error(f"--output_dir {args.output_dir}: writing the export failed ({exc.strerror or exc}); "

@@ -221,3 +221,63 @@ def test_merged_export_stores_the_temperature_and_our_loader_applies_it(exports,
     assert merged.temperature == T
     np.testing.assert_allclose(merged.predict_probs(pairs["query"].tolist(), pairs["item_text"].tolist()), reference[0],
                                rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_merged_export_served_as_serving_json_says_gives_our_probabilities(exports, rr, pairs, reference):
+    # What vLLM does with serving.json's hf_overrides (classifier_from_token, no_post_processing): the output
+    # embedding's rows of the named tokens, read at the last position, softmax; the client then applies
+    # client_temperature. Done here in plain transformers, so a wrong token spelling or temperature fails on CPU.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_reranker.serving import SERVING_FILE, calibrated
+
+    folder = exports["merged"]
+    with open(os.path.join(folder, SERVING_FILE)) as f:
+        spec = json.load(f)
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = tok.convert_tokens_to_ids(spec["hf_overrides"]["classifier_from_token"])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    head = model.get_output_embeddings().weight[rows]  # [4, H]
+    served = []
+    for seq in rr.encode(pairs["query"], pairs["item_text"]):
+        hidden = model.model(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
+        served.append(calibrated(torch.softmax(hidden @ head.T, -1).double().tolist(), spec["client_temperature"]))
+    assert spec["client_temperature"] == T
+    np.testing.assert_allclose(served, reference[0], rtol=0, atol=ATOL)
+    with open(os.path.join(exports["seq_cls"], SERVING_FILE)) as f:
+        seq_cls = json.load(f)
+    assert seq_cls["hf_overrides"] is None and seq_cls["client_temperature"] == 1.0  # folded: never applied twice
+
+
+def _readme_block(after: str) -> str:
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        text = f.read()
+    block = text[text.index(after):]
+    block = block[block.index("```python") + len("```python"):]
+    return block[:block.index("```")]
+
+
+def test_readme_plain_transformers_snippets_give_calibrated_probabilities(exports, rr, tmp_path):
+    # The README's code as written, in a fresh process without peft or this repo, from a folder where its
+    # paths (export/seq_cls, export/merged) are these T = 2.5 exports: both must give our probabilities.
+    import subprocess
+    import sys
+
+    code = _readme_block("With plain transformers, no peft and no code from this repo")
+    seq_cls, merged = code.split("\n# merged:")
+    probe = ("\nimport json as _json\nprint(_json.dumps({'probs': probs.tolist(), 'score': score.tolist(), "
+             "'query': query, 'items': items}))\n")
+    (tmp_path / "export").mkdir()
+    for fmt in export_cli.FORMATS:
+        os.symlink(exports[fmt], tmp_path / "export" / fmt)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    program = seq_cls + probe + "\n# merged:" + merged + probe + "\nimport sys; assert 'peft' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
+    expected = rr.predict_probs([results[0]["query"]] * len(results[0]["items"]), results[0]["items"])
+    for result in results:
+        np.testing.assert_allclose(result["probs"], expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(result["score"], (expected @ [3.0, 2.0, 1.0, 0.0]) / 3, rtol=0, atol=1e-5)

@@ -102,7 +102,7 @@ def test_peft_deprecation_noise_is_hidden_and_the_filter_matches_the_real_warnin
 
 
 # Flags of other tools the READMEs show: pip, torchrun, vLLM.
-OTHER_TOOLS_FLAGS = {"--index-url", "--no-deps", "--nproc_per_node", "--runner", "--task"}
+OTHER_TOOLS_FLAGS = {"--index-url", "--no-deps", "--nproc_per_node", "--runner", "--task", "--hf-overrides"}
 
 
 def _named_flags(text: str) -> set[str]:

@@ -29,6 +29,7 @@ from esci_dataset import ESCIDataError
 from tiny_reranker.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 from tiny_reranker.contract import PROMPT_FILE
 from tiny_reranker.io import atomic_write
+from tiny_reranker.serving import SERVING_FILE
 
 USER_ERROR = 2  # exit code for bad input, as argparse uses for bad flags; internal bugs stay tracebacks (1)
 
@@ -145,7 +146,8 @@ def check_output_dir(path: str, flag: str) -> None:
 # adapter folder (eval.py's default metrics path is there), never one of these.
 MODEL_FILE_NAMES = frozenset({"reranker_config.json", "run_config.json", "train_metrics.json", "train_curves.png",
                               "README.md", "config.json", "generation_config.json", "special_tokens_map.json",
-                              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", PROMPT_FILE})
+                              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", PROMPT_FILE,
+                              SERVING_FILE})
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 

@@ -30,6 +30,10 @@ complete chunks go to F.partial/ and are joined into F when the run ends; after 
 command with --resume checks that F.partial/ belongs to the same input, model and flags, and
 continues after its last complete chunk (every pair scored once, in order).
 
+--engine vllm scores through one vLLM engine in its own venv (--vllm_python) on an export.py folder
+(merged or seq_cls), with the same input, output, chunks and --resume; the pairs are tokenized here as
+for the default engine and sent as token ids, so the probabilities are the same (scripts/check_vllm.sh).
+
 A temperature stored with the adapter (train.py fits one by default) divides the label logits before the
 softmax; --no_temperature scores the raw logits. Several GPUs: torchrun --nproc_per_node N predict.py
 ... --input FILE: each rank scores its share of every chunk, rank 0 writes them in input order.
@@ -81,12 +85,21 @@ from tiny_reranker.scoring import OUTPUT_COLUMNS, PROB_COLUMNS, probs_from_logit
 from tiny_reranker.streaming import PartialOutput, file_identity, folder_identity
 
 logger = logging.getLogger("predict")
+ENGINES = ("transformers", "vllm")
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add_inference_args(p)
 
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=ENGINES, default="transformers",
+                   help="transformers: this repo's scoring path (Reranker, as eval.py). vllm: one vLLM engine in its own "
+                        "venv scores the pairs, tokenized here exactly as by transformers; --base_model is then an "
+                        "export.py folder (merged or seq_cls) and there is no --lora_model, no torchrun")
+    g.add_argument("--vllm_python", type=str, default=os.environ.get("TINY_RERANKER_VLLM_PYTHON"),
+                   help="--engine vllm: the python of a venv with vLLM (default: $TINY_RERANKER_VLLM_PYTHON; "
+                        "scripts/check_vllm.sh builds one in .venv-vllm)")
     g = p.add_argument_group("input and output")
     g.add_argument("--input", type=str, required=True, help="a .parquet/.csv/.jsonl file with query and item_text columns, or - for JSON lines on stdin")
     g.add_argument("--output", type=str, default=None,
@@ -189,6 +202,41 @@ def check_output_fits(args, records: list[dict]) -> list:
     return []
 
 
+def check_engine(args, world_size: int) -> None:
+    """``--engine vllm``'s model is one export folder with serving.json, scored by one process."""
+    if args.engine != "vllm":
+        return
+    from tiny_reranker.serving import SERVING_FILE
+
+    if not args.vllm_python:
+        raise ESCIDataError("--engine vllm needs --vllm_python (or $TINY_RERANKER_VLLM_PYTHON): the python of a venv "
+                            "with vLLM; bash scripts/check_vllm.sh builds one in .venv-vllm")
+    if not os.path.isfile(os.path.expanduser(args.vllm_python)):
+        raise ESCIDataError(f"--vllm_python {args.vllm_python}: file not found")
+    if args.lora_model:
+        raise ESCIDataError("--engine vllm serves an export, not an adapter: run python export.py --base_model ... "
+                            "--lora_model ... --output_dir export/seq_cls --format seq_cls, then pass --base_model "
+                            "export/seq_cls without --lora_model")
+    if not os.path.isfile(os.path.join(os.path.expanduser(args.base_model), SERVING_FILE)):
+        raise ESCIDataError(f"--engine vllm: --base_model {args.base_model} has no {SERVING_FILE}, so it is not an "
+                            "export.py folder (merged or seq_cls); export one first (a folder from an older "
+                            "export.py: export it again)")
+    if world_size > 1:
+        raise ESCIDataError("--engine vllm runs one vLLM engine: run predict.py without torchrun (vLLM spreads its "
+                            "own work; --tensor-parallel-size is vLLM's)")
+
+
+def load_scorer(args, device):
+    """What scores the chunks: a Reranker, or with --engine vllm a VllmScorer (raises OSError/ValueError/
+    RuntimeError when the model or engine cannot start)."""
+    if args.engine != "vllm":
+        return reranker_from_args(args, device=device)
+    from tiny_reranker.vllm_engine import VllmScorer
+
+    return VllmScorer(os.path.expanduser(args.vllm_python), args.base_model, args.max_length,
+                      str(resolve_dtype(dtype_flag(args))), args.no_temperature)
+
+
 def run_identity(args, stdin_lines: list[str] | None = None) -> dict:
     """What a partial output must share with the command that resumes it: the input (stdin: a hash of what was
     piped), the model files, and the flags that change the numbers or the rows (not --batch_size or
@@ -198,7 +246,7 @@ def run_identity(args, stdin_lines: list[str] | None = None) -> dict:
     else:
         source = file_identity(args.input)
     flags = {k: getattr(args, k) for k in ("max_length", "no_temperature", "no_flash_attn", "top_k", "column_prefix",
-                                            "chunk_size", "rank_by")}
+                                            "chunk_size", "rank_by", "engine")}
     flags["dtype"] = str(resolve_dtype(dtype_flag(args)))  # --bf16 and --dtype bf16 (and auto, here) alike
     return {"input": source, "base_model": folder_identity(args.base_model),
             "lora_model": folder_identity(args.lora_model), "flags": flags}
@@ -222,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # 2. Input and output checks over the whole input, before the (slow) model load ------------
-        check_model_paths(args.base_model, args.lora_model)
+        check_engine(args, shard.world_size)
+        if args.engine == "transformers":  # an export for vLLM may be a seq_cls folder, which Reranker refuses
+            check_model_paths(args.base_model, args.lora_model)
         check_output_path(args)
         if args.input == "-" and shard.world_size > 1:
             raise ESCIDataError("--input -: torchrun processes cannot share stdin; write the pairs to a file")
@@ -250,12 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     reranker = None
     if n_pairs and done < n_chunks:
         try:
-            reranker = reranker_from_args(args, device=shard.device)
-        except (OSError, ValueError) as exc:  # missing/unloadable model, or an adapter with a different prompt
-            return cli_error(f"cannot load the reranker (--base_model {args.base_model}, --lora_model {args.lora_model}): "
-                             f"{exc}")
+            reranker = load_scorer(args, shard.device)
+        except (OSError, ValueError, RuntimeError) as exc:  # unloadable model, another prompt, an engine that fails
+            return cli_error(f"cannot load the reranker (--base_model {args.base_model}, --lora_model {args.lora_model}"
+                             f"{', --engine vllm' if args.engine == 'vllm' else ''}): {exc}")
     elif not n_pairs:
         logger.warning("%s has no pairs; writing an empty output", args.input)
+    try:
+        return score_and_write(args, shard, reranker, stdin_lines, n_pairs, done, partial, columns)
+    finally:
+        if hasattr(reranker, "close"):
+            reranker.close()  # the vLLM engine process
+
+
+def score_and_write(args, shard, reranker, stdin_lines, n_pairs: int, done: int, partial, columns) -> int:
+    """Steps 4 and 5 of main: every chunk scored and written in order, then the chunks joined into --output."""
 
     # 4. Score chunk by chunk (length-sorted batches; ranks share each chunk); rank 0 writes each in order ----
     ext = extension(args.output, "--output") if args.output else ".jsonl"

@@ -11,7 +11,9 @@ Runs in this repo's venv and drives vLLM in its own (vLLM's CPU build pins trans
 4. through vLLM, with what each export's serving.json says: offline ``LLM.classify`` on the seq_cls export,
    offline ``LLM.classify`` on the merged export (hf_overrides, client temperature), and the OpenAI-compatible
    server's POST /classify on each export (serving.json's server command), started on 127.0.0.1 and stopped
-   by its PID.
+   by its PID;
+5. predict.py --engine vllm on each export against predict.py on the adapter, at a --max_length that cuts
+   the items; and the README's vLLM snippet, as written.
 
 Each must equal eval.py's probabilities within --atol, with the same argmax. The last line is the verdict;
 the exit code is 0 when all pass, 1 otherwise.
@@ -46,6 +48,7 @@ from tiny_reranker.serving import SERVING_FILE, calibrated  # noqa: E402
 from tiny_reranker.vllm_engine import vllm_env  # noqa: E402
 
 MAX_LENGTH = 1024  # every test prompt fits: engines do not truncate, eval.py would
+PREDICT_MAX_LENGTH = 96  # predict.py --engine vllm: most items are cut, as predict.py cuts them
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -56,6 +59,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-5, help="largest allowed |probability difference| from eval.py")
     p.add_argument("--no_server", action="store_true", help="skip the OpenAI-compatible server checks")
     p.add_argument("--no_readme", action="store_true", help="skip running the README's vLLM snippet")
+    p.add_argument("--no_predict", action="store_true", help="skip predict.py --engine vllm against predict.py")
     p.add_argument("--server_timeout", type=float, default=900, help="seconds to wait for the server to start")
     return p
 
@@ -160,6 +164,30 @@ def readme_snippet_checks(python: str, work: str, exports: dict, base: str, lora
             compare("README snippet, merged probabilities", printed[1:], probs, atol)]
 
 
+def predict_engine_checks(python: str, work: str, exports: dict, base: str, lora: str, test_file: str,
+                          atol: float) -> list:
+    """predict.py --engine vllm on each export against predict.py on the adapter: the same rows, probabilities
+    within ``atol`` and labels, at a --max_length that cuts most items (so the tokens sent must be ours)."""
+    py, script = sys.executable, os.path.join(REPO, "predict.py")
+    common = ["--input", test_file, "--dtype", "fp32", "--max_length", str(PREDICT_MAX_LENGTH)]
+    reference = os.path.join(work, "predict_transformers.parquet")
+    run([py, script, "--base_model", base, "--lora_model", lora, "--output", reference, *common],
+        os.path.join(work, "predict_transformers.log"))
+    expected = pd.read_parquet(reference)
+    checks = []
+    for fmt, folder in exports.items():
+        print(f"predict.py --engine vllm on the {fmt} export ...", flush=True)
+        out = os.path.join(work, f"predict_vllm_{fmt}.parquet")
+        run([py, script, "--engine", "vllm", "--vllm_python", python, "--base_model", folder, "--output", out, *common],
+            os.path.join(work, f"predict_vllm_{fmt}.log"), vllm_env())
+        got = pd.read_parquet(out)
+        ok, line = compare(f"predict.py --engine vllm, {fmt}", got[list(PROB_COLUMNS)].to_numpy(np.float64),
+                           expected[list(PROB_COLUMNS)].to_numpy(np.float64), atol)
+        same_rows = got.drop(columns=[*PROB_COLUMNS, "score"]).equals(expected.drop(columns=[*PROB_COLUMNS, "score"]))
+        checks.append((ok and same_rows, line + ("" if same_rows else "; other rows or labels than predict.py's")))
+    return checks
+
+
 def compare(name: str, got, expected: np.ndarray, atol: float) -> tuple[bool, str]:
     got = np.asarray(got, dtype=np.float64)
     if got.shape != expected.shape:
@@ -230,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             t = temperature if fmt == "merged" else 1.0
             checks.append(compare(f"{fmt}, server /classify" + (" + client temperature" if fmt == "merged" else ""),
                                   [calibrated(p, t) for p in served], expected, args.atol))
+        if not args.no_predict:
+            checks += predict_engine_checks(args.vllm_python, work, exports, base, lora, test_file, args.atol)
         if not args.no_readme:
             print("the README's vLLM snippet, as written ...", flush=True)
             checks += readme_snippet_checks(args.vllm_python, work, exports, base, lora, args.atol)

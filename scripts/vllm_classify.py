@@ -4,10 +4,11 @@
         --prompts prompts.json --output probs.json
 
 --prompts: a JSON list of prompts, each ``template.format(query=..., document=...)`` from the folder's
-reranker_prompt.json. --output: ``{"probs": [[p_E, p_S, p_C, p_I], ...], "raw_probs": [...],
+reranker_prompt.json, or a list of token-id lists (predict.py --engine vllm sends its own tokenization). --output: ``{"probs": [[p_E, p_S, p_C, p_I], ...], "raw_probs": [...],
 "startup_seconds": s, "seconds": s}``; ``probs`` have serving.json's ``client_temperature`` applied, so they
-are comparable with eval.py's. With --repeat, after start-up the script reads one line from stdin per run
-and answers each with one such JSON line (bench.py interleaves its sides through it).
+are comparable with eval.py's. With --repeat, after start-up the script reads one line from stdin per run (the
+path of another prompts file, or an empty line for the same prompts) and answers each with one such JSON line
+(bench.py interleaves its sides through it).
 
 It imports nothing of this repo but ``tiny_reranker/serving.py``, by its file (stdlib only), so the vLLM venv
 needs no more than vLLM: its transformers (< 5.20) is not ours.
@@ -59,19 +60,23 @@ def main(argv: list[str] | None = None) -> int:
               max_model_len=args.max_model_len, enforce_eager=False)
     startup = time.perf_counter() - start
 
-    def classify() -> dict:
+    def classify(prompts: list) -> dict:
         start = time.perf_counter()
-        raw = [list(map(float, out.outputs.probs)) for out in llm.classify(prompts, use_tqdm=False)]
+        inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]  # token ids or text
+        raw = [list(map(float, out.outputs.probs)) for out in llm.classify(inputs, use_tqdm=False)] if inputs else []
         seconds = time.perf_counter() - start
         return {"probs": [serving.calibrated(p, spec["client_temperature"]) for p in raw], "raw_probs": raw,
                 "seconds": seconds}
 
     if args.repeat:
         print(json.dumps({"startup_seconds": startup}), flush=True)
-        for _line in sys.stdin:
-            print(json.dumps(classify()), flush=True)
+        for line in sys.stdin:  # a line: the path of another prompts file, or empty for --prompts again
+            if line.strip():
+                with open(line.strip()) as f:
+                    prompts = json.load(f)
+            print(json.dumps(classify(prompts)), flush=True)
         return 0
-    result = {**classify(), "startup_seconds": startup}
+    result = {**classify(prompts), "startup_seconds": startup}
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f)

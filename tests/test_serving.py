@@ -60,3 +60,60 @@ def test_client_temperature_turns_raw_probs_into_calibrated_ones():
         got = np.array([calibrated(p.tolist(), t) for p in softmax(logits)])
         np.testing.assert_allclose(got, softmax(logits, t), rtol=0, atol=1e-12)
     assert calibrated([1.0, 0.0, 0.0, 0.0], 0.5) == [1.0, 0.0, 0.0, 0.0]  # an underflowed 0 stays 0
+
+
+# ---------------------------------------------------------------------------
+# predict.py --engine vllm: what is refused before any engine starts (the engine itself: scripts/check_vllm.sh)
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seq_cls_export(tiny_model_dir, adapter_dir, tmp_path_factory):
+    import export as export_cli
+
+    folder = str(tmp_path_factory.mktemp("vllm_engine") / "seq_cls")
+    assert export_cli.main(["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--output_dir", folder,
+                            "--format", "seq_cls"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vllm_pairs") / "pairs.parquet"
+    demo_model.synthetic_esci(2, items_per_query=3, seed=3)[["query", "item_text"]].to_parquet(path, index=False)
+    return str(path)
+
+
+def test_engine_vllm_refuses_what_it_cannot_serve(seq_cls_export, tiny_model_dir, adapter_dir, pairs_file, tmp_path,
+                                                  capsys, monkeypatch):
+    import sys
+
+    import predict as predict_cli
+
+    monkeypatch.delenv("TINY_RERANKER_VLLM_PYTHON", raising=False)
+    out = str(tmp_path / "out.parquet")
+    cases = [
+        (["--base_model", seq_cls_export], "needs --vllm_python"),
+        (["--base_model", seq_cls_export, "--vllm_python", str(tmp_path / "none")], "file not found"),
+        (["--base_model", tiny_model_dir, "--lora_model", adapter_dir, "--vllm_python", sys.executable],
+         "serves an export, not an adapter"),
+        (["--base_model", tiny_model_dir, "--vllm_python", sys.executable], "has no serving.json"),
+    ]
+    for argv, must in cases:
+        assert predict_cli.main(["--engine", "vllm", *argv, "--input", pairs_file, "--output", out]) == 2, argv
+        err = capsys.readouterr().err
+        assert must in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_engine_vllm_that_cannot_start_is_a_clear_error(seq_cls_export, pairs_file, tmp_path, capsys):
+    # This venv has no vLLM: the engine process fails at its import, and predict.py says so, writing nothing.
+    import sys
+
+    import predict as predict_cli
+
+    out = tmp_path / "out.parquet"
+    assert predict_cli.main(["--engine", "vllm", "--vllm_python", sys.executable, "--base_model", seq_cls_export,
+                             "--input", pairs_file, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # one paragraph, the engine's last log lines quoted in it
+    assert last.startswith("error: ") and "vLLM engine exited" in last and "No module named 'vllm'" in last
+    assert not out.exists() and not (tmp_path / "out.parquet.partial").exists()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Opt-in: serve both exports with vLLM's CPU build and check them against eval.py (scripts/check_vllm.py).
 # Not part of the test suite: the vLLM venv is 3.5 GB and takes about 4 minutes to install; the check itself
-# takes about 5 minutes on 2 cores (three engine start-ups, each compiling the model).
+# took 18 minutes on a shared 2-core machine (nine engine start-ups, each compiling the model).
 #
 #   bash scripts/check_vllm.sh                  # run from this repo's venv (python = its python)
 #   VLLM_VENV=/opt/vllm bash scripts/check_vllm.sh --work_dir /tmp/check_vllm   # another venv; keep the files

@@ -5,6 +5,9 @@
 #
 #   bash scripts/check_vllm.sh                  # run from this repo's venv (python = its python)
 #   VLLM_VENV=/opt/vllm bash scripts/check_vllm.sh --work_dir /tmp/check_vllm   # another venv; keep the files
+#
+# The venv it builds holds vLLM's CPU build. On a GPU box, point VLLM_VENV at a venv with vLLM's GPU build
+# (pip install vllm) instead; that build was not tested here.
 set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"

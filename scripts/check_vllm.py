@@ -54,8 +54,8 @@ PREDICT_MAX_LENGTH = 96  # predict.py --engine vllm: most items are cut, as pred
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vllm_python", type=str, required=True, help="the python of a venv with vLLM installed")
-    p.add_argument("--work_dir", type=str, default=None, help="folder for the model, exports and results "
-                   "(default: a temporary folder, removed at the end)")
+    p.add_argument("--work_dir", type=str, default=None, help="new or empty folder for the model, exports and "
+                   "results, kept (default: a temporary folder, removed at the end when every check passes)")
     p.add_argument("--atol", type=float, default=1e-5, help="largest allowed |probability difference| from eval.py")
     p.add_argument("--no_server", action="store_true", help="skip the OpenAI-compatible server checks")
     p.add_argument("--no_readme", action="store_true", help="skip running the README's vLLM snippet")
@@ -200,6 +200,10 @@ def compare(name: str, got, expected: np.ndarray, atol: float) -> tuple[bool, st
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.work_dir and os.path.isdir(args.work_dir) and os.listdir(args.work_dir):
+        print(f"error: --work_dir {args.work_dir}: exists and is not empty; the check writes models and data there, "
+              "so give it a new or empty folder", file=sys.stderr)
+        return 2
     work = args.work_dir or tempfile.mkdtemp(prefix="check_vllm_")
     os.makedirs(work, exist_ok=True)
     py, env = sys.executable, {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -3,6 +3,7 @@
 vLLM itself is checked by the opt-in scripts/check_vllm.sh; these tests hold the file's content and math."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,9 +105,13 @@ def test_engine_vllm_refuses_what_it_cannot_serve(seq_cls_export, tiny_model_dir
     assert not (tmp_path / "out.parquet").exists()
 
 
-def test_engine_vllm_that_cannot_start_is_a_clear_error(seq_cls_export, pairs_file, tmp_path, capsys):
+def test_engine_vllm_that_cannot_start_is_a_clear_error(seq_cls_export, pairs_file, tmp_path, capsys, monkeypatch):
     # This venv has no vLLM: the engine process fails at its import, and predict.py says so, writing nothing.
     import sys
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the engine's temp folder goes
 
     import predict as predict_cli
 
@@ -117,3 +122,4 @@ def test_engine_vllm_that_cannot_start_is_a_clear_error(seq_cls_export, pairs_fi
     last = err.strip().splitlines()[-1]  # one paragraph, the engine's last log lines quoted in it
     assert last.startswith("error: ") and "vLLM engine exited" in last and "No module named 'vllm'" in last
     assert not out.exists() and not (tmp_path / "out.parquet.partial").exists()
+    assert not [p for p in os.listdir(tmp_path / "tmp") if p.startswith("tiny-reranker-vllm-")]  # no temp folder left

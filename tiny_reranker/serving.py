@@ -66,6 +66,8 @@ def calibrated(probs: list[float], temperature: float) -> list[float]:
 
     Equal to ``softmax(logits / temperature)``, since ``log(softmax(z)) = z - logsumexp(z)`` and the shift
     cancels. A probability of exactly 0 (underflow) stays 0."""
+    # Plain Python, not tiny_reranker.scoring's numpy softmax: scripts/vllm_classify.py loads this file by its
+    # path inside the vLLM venv, where nothing of this project is installed.
     if temperature == 1.0:
         return list(probs)
     logs = [math.log(p) / temperature if p > 0 else -math.inf for p in probs]

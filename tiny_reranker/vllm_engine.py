@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "vllm_classify.py")
@@ -37,7 +38,11 @@ class VllmProcess:
              "--max_model_len", str(max_model_len), "--repeat"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=vllm_env(threads))
         self.log = log
-        self.startup_seconds = self._reply()["startup_seconds"]
+        try:
+            self.startup_seconds = self._reply()["startup_seconds"]
+        except RuntimeError:
+            self._log.close()
+            raise
 
     def _reply(self) -> dict:
         for line in self.proc.stdout:  # the engine may print other lines; ours are JSON objects
@@ -99,7 +104,11 @@ class VllmScorer:
         with open(first, "w") as f:
             json.dump([], f)
         self.log = os.path.join(self._dir, "vllm.log")
-        self.engine = VllmProcess(python, folder, first, dtype, self.log, max_model_len=max_length)
+        try:
+            self.engine = VllmProcess(python, folder, first, dtype, self.log, max_model_len=max_length)
+        except RuntimeError:  # the error quotes the log's end: the temp folder goes with the failed start
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
 
     def predict_logits(self, queries, items):
         """``[N, 4]`` float64 label logits up to a per-row constant (see the class docstring), in input order."""
@@ -112,7 +121,5 @@ class VllmScorer:
         return np.log(np.maximum(probs, np.finfo(np.float64).tiny))
 
     def close(self) -> None:
-        import shutil
-
         self.engine.close()
         shutil.rmtree(self._dir, ignore_errors=True)
